@@ -1,0 +1,170 @@
+"""The `shapes` dataset: one filled shape of a pure color moving in a straight line.
+
+Each clip is `frames x height x width x 3` uint8 on a black background; the shape (circle,
+square or triangle) keeps a constant velocity, stays fully in frame and moves at least a
+quarter of the frame over the clip. The caption is `a {color} {shape} moving {direction}`.
+
+A TFDS `GeneratorBasedBuilder` writing `array_record` files, so it builds and reads without
+TensorFlow. Generation is a pure function of (seed, split, index): the same config always gives
+the same records. The builder config name encodes every parameter, so differently sized
+datasets live side by side in one `data_dir`.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+COLORS = {
+    'red': (255, 0, 0),
+    'green': (0, 255, 0),
+    'blue': (0, 0, 255),
+    'yellow': (255, 255, 0),
+    'cyan': (0, 255, 255),
+    'magenta': (255, 0, 255),
+    'white': (255, 255, 255),
+}
+SHAPES = ('circle', 'square', 'triangle')
+# Unit displacement (dy, dx) per direction; y grows downward, as in image rows.
+DIRECTIONS = {'left': (0, -1), 'right': (0, 1), 'up': (-1, 0), 'down': (1, 0)}
+COLOR_NAMES = tuple(COLORS)
+DIRECTION_NAMES = tuple(DIRECTIONS)
+
+
+def caption(color: str, shape: str, direction: str) -> str:
+  return f'a {color} {shape} moving {direction}'
+
+
+def parse_caption(text: str) -> tuple[str, str, str] | None:
+  """Inverse of `caption`: (color, shape, direction), or None for another sentence."""
+  words = text.strip().lower().split()
+  if len(words) != 5 or words[0] != 'a' or words[3] != 'moving':
+    return None
+  color, shape, direction = words[1], words[2], words[4]
+  if color not in COLORS or shape not in SHAPES or direction not in DIRECTIONS:
+    return None
+  return color, shape, direction
+
+
+def shape_mask(shape: str, size: int, cy: float, cx: float, height: int, width: int) -> np.ndarray:
+  """Boolean [height, width] mask of a shape whose bounding box is `size` px, centred at (cy, cx)."""
+  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5  # pixel centres
+  dy, dx = yy - cy, xx - cx
+  half = size / 2
+  if shape == 'circle':
+    return dy**2 + dx**2 <= half**2
+  if shape == 'square':
+    return (np.abs(dy) <= half) & (np.abs(dx) <= half)
+  if shape == 'triangle':  # apex up, base at the bottom of the box
+    inside_rows = (dy >= -half) & (dy <= half)
+    half_width_at_row = (dy + half) / 2  # 0 at the apex, `half` at the base
+    return inside_rows & (np.abs(dx) <= half_width_at_row)
+  raise ValueError(f'unknown shape {shape!r}; expected one of {SHAPES}')
+
+
+def render_clip(color: str, shape: str, direction: str, *, frames: int, height: int, width: int,
+                object_size: int, start_yx: tuple[float, float], displacement: float) -> np.ndarray:
+  """[frames, height, width, 3] uint8 clip of one shape moving `displacement` px in total."""
+  dy, dx = DIRECTIONS[direction]
+  video = np.zeros((frames, height, width, 3), np.uint8)
+  rgb = np.array(COLORS[color], np.uint8)
+  half = object_size / 2
+  for f in range(frames):
+    step = displacement * f / max(frames - 1, 1)
+    # Snapping the box corner to whole pixels makes every frame an exact translate of the first.
+    cy = round(start_yx[0] + dy * step - half) + half
+    cx = round(start_yx[1] + dx * step - half) + half
+    mask = shape_mask(shape, object_size, cy, cx, height, width)
+    video[f][mask] = rgb
+  return video
+
+
+def random_clip(rng: np.random.Generator, *, frames: int, height: int, width: int,
+                object_size: int) -> dict:
+  """Draws attributes, start and speed; returns the clip with its caption and labels."""
+  color = int(rng.integers(len(COLORS)))
+  shape = int(rng.integers(len(SHAPES)))
+  direction = int(rng.integers(len(DIRECTIONS)))
+  dy, dx = DIRECTIONS[DIRECTION_NAMES[direction]]
+  half = object_size / 2
+  extent = height if dy else width  # the axis of motion
+  max_disp = extent - object_size
+  min_disp = min(extent / 4, max_disp)
+  displacement = float(rng.uniform(min_disp, max_disp))
+  # Start so that the whole path stays in frame.
+  lo, hi = half, extent - half - displacement
+  along = float(rng.uniform(lo, hi)) if (dy + dx) > 0 else float(rng.uniform(lo + displacement, extent - half))
+  across_extent = width if dy else height
+  across = float(rng.uniform(half, across_extent - half))
+  start_yx = (along, across) if dy else (across, along)
+  names = COLOR_NAMES[color], SHAPES[shape], DIRECTION_NAMES[direction]
+  video = render_clip(*names, frames=frames, height=height, width=width,
+                      object_size=object_size, start_yx=start_yx, displacement=displacement)
+  return dict(video=video, caption=caption(*names), color=color, shape=shape, direction=direction)
+
+
+@dataclasses.dataclass
+class ShapesConfig(tfds.core.BuilderConfig):
+  frames: int = 8
+  height: int = 32
+  width: int = 32
+  object_size: int = 12
+  num_train: int = 8192
+  num_validation: int = 512
+  seed: int = 0
+
+
+def make_config(**kwargs) -> ShapesConfig:
+  """A builder config whose name records every generation parameter."""
+  fields = {f.name: f.default for f in dataclasses.fields(ShapesConfig)
+            if f.name in ('frames', 'height', 'width', 'object_size', 'num_train', 'num_validation', 'seed')}
+  fields.update(kwargs)
+  if fields['object_size'] > min(fields['height'], fields['width']):
+    raise ValueError(f"data.object_size={fields['object_size']} does not fit in a "
+                     f"{fields['height']}x{fields['width']} frame")
+  name = 'f{frames}_h{height}_w{width}_o{object_size}_n{num_train}_v{num_validation}_s{seed}'.format(**fields)
+  return ShapesConfig(name=name, **fields)
+
+
+class Shapes(tfds.core.GeneratorBasedBuilder):
+  """Synthetic moving-shape clips with captions (see the module docstring)."""
+
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.1.0': 'Box corners snapped to whole pixels: frames are exact translates.'}
+  BUILDER_CONFIGS = [make_config()]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    c = self.builder_config
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__,
+        features=tfds.features.FeaturesDict({
+            'video': tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3), dtype=np.uint8),
+            'caption': tfds.features.Text(),
+            'color': tfds.features.ClassLabel(names=COLOR_NAMES),
+            'shape': tfds.features.ClassLabel(names=SHAPES),
+            'direction': tfds.features.ClassLabel(names=DIRECTION_NAMES),
+        }),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: every clip is generated
+    c = self.builder_config
+    return {'train': self._generate_examples(0, c.num_train),
+            'validation': self._generate_examples(1, c.num_validation)}
+
+  def _generate_examples(self, split_id: int, count: int):
+    c = self.builder_config
+    for index in range(count):
+      rng = np.random.default_rng([c.seed, split_id, index])
+      yield index, random_clip(rng, frames=c.frames, height=c.height, width=c.width,
+                               object_size=c.object_size)
+
+
+def build(data_dir: str | None = None, **kwargs) -> Shapes:
+  """Builds (once) and returns the shapes builder for these parameters."""
+  config = make_config(**kwargs)
+  known = {c.name for c in Shapes.BUILDER_CONFIGS}  # TFDS refuses a custom config named like these
+  builder = Shapes(config=config.name if config.name in known else config, data_dir=data_dir)
+  builder.download_and_prepare(file_format='array_record')
+  return builder

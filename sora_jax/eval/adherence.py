@@ -1,0 +1,75 @@
+"""Analytic prompt adherence for `shapes` videos: does a clip show the captioned color, shape, motion?
+
+Measured directly on pixels, with no learned model:
+  color      the nearest pure color to the mean RGB of the bright pixels;
+  direction  the dominant axis and sign of the bright-pixel centroid's motion, first to last frame;
+  shape      the fill ratio of the bright pixels in their bounding box (square 1, circle pi/4,
+             triangle 1/2), averaged over frames.
+"""
+
+import numpy as np
+
+from sora_jax.data import shapes
+
+# Fill-ratio boundaries halfway between the ideal ratios (triangle 0.5, circle 0.785, square 1).
+_TRIANGLE_CIRCLE = (0.5 + np.pi / 4) / 2
+_CIRCLE_SQUARE = (np.pi / 4 + 1.0) / 2
+
+
+def bright_mask(video_thwc: np.ndarray, threshold: int = 100) -> np.ndarray:
+  """[T, H, W] bool: pixels whose brightest channel exceeds `threshold` (the background is black)."""
+  return np.asarray(video_thwc).max(axis=-1) > threshold
+
+
+def judge_color(video_thwc) -> str | None:
+  mask = bright_mask(video_thwc)
+  if not mask.any():
+    return None
+  mean_rgb = np.asarray(video_thwc, np.float32)[mask].mean(axis=0)
+  names = list(shapes.COLORS)
+  palette = np.array([shapes.COLORS[n] for n in names], np.float32)
+  return names[int(np.argmin(((palette - mean_rgb) ** 2).sum(axis=1)))]
+
+
+def judge_direction(video_thwc) -> str | None:
+  mask = bright_mask(video_thwc)
+  frames = [np.argwhere(m) for m in mask]
+  if len(frames) < 2 or not len(frames[0]) or not len(frames[-1]):
+    return None
+  dy, dx = frames[-1].mean(axis=0) - frames[0].mean(axis=0)
+  if abs(dx) >= abs(dy):
+    return 'right' if dx > 0 else 'left'
+  return 'down' if dy > 0 else 'up'
+
+
+def fill_ratio(video_thwc) -> float | None:
+  ratios = []
+  for m in bright_mask(video_thwc):
+    ys, xs = np.nonzero(m)
+    if len(ys):
+      ratios.append(len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)))
+  return float(np.mean(ratios)) if ratios else None
+
+
+def judge_shape(video_thwc) -> str | None:
+  ratio = fill_ratio(video_thwc)
+  if ratio is None:
+    return None
+  if ratio < _TRIANGLE_CIRCLE:
+    return 'triangle'
+  return 'circle' if ratio < _CIRCLE_SQUARE else 'square'
+
+
+def score(videos, prompts: list[str]) -> dict:
+  """Fractions of videos whose color, direction and shape match their prompts (and all three)."""
+  hits = {'color': [], 'direction': [], 'shape': [], 'all': []}
+  for v, prompt in zip(videos, prompts):
+    parsed = shapes.parse_caption(prompt)
+    if parsed is None:
+      raise ValueError(f'not a shapes caption: {prompt!r}')
+    color, shape, direction = parsed
+    ok = (judge_color(v) == color, judge_direction(v) == direction, judge_shape(v) == shape)
+    for key, hit in zip(('color', 'direction', 'shape'), ok):
+      hits[key].append(hit)
+    hits['all'].append(all(ok))
+  return {k: float(np.mean(v)) for k, v in hits.items()} | {'n': len(prompts)}

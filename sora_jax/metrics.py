@@ -1,0 +1,87 @@
+"""Metrics: `metrics.jsonl` (one JSON object per logged step), TensorBoard events, console progress.
+
+Only process 0 writes. `metrics.jsonl` loads in a notebook with `pandas.read_json(path, lines=True)`.
+"""
+
+import io
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+from PIL import Image
+from tensorboardX.proto import summary_pb2
+
+
+class Writer:
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      from tensorboardX import SummaryWriter  # pure Python; no TensorFlow
+      self._tb = SummaryWriter(workdir)
+
+  def scalars(self, step: int, scalars: dict):
+    if not self.enabled:
+      return
+    row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(row) + '\n')
+    self._jsonl.flush()
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, float(v), int(step))
+
+  def videos(self, step: int, videos: dict, fps: int = 8):
+    """videos: name -> uint8 [T, H, W, 3]; shown in TensorBoard's image tab as animated GIFs.
+
+    Encoded here: tensorboardX's add_video needs moviepy.
+    """
+    if not self.enabled:
+      return
+    for name, v in videos.items():
+      v = np.asarray(v, np.uint8)
+      buffer = io.BytesIO()
+      frames = [Image.fromarray(f) for f in v]
+      frames[0].save(buffer, format='GIF', save_all=True, append_images=frames[1:],
+                     duration=int(1000 / fps), loop=0)
+      image = summary_pb2.Summary.Image(height=v.shape[1], width=v.shape[2], colorspace=3,
+                                        encoded_image_string=buffer.getvalue())
+      summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=name, image=image)])
+      self._tb.file_writer.add_summary(summary, int(step))
+    self._tb.flush()
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Progress:
+  """Steps/s and ETA over the steps since the last report (compile time excluded after the first)."""
+
+  def __init__(self, total_steps: int, start_step: int):
+    self.total_steps = total_steps
+    self.last_step, self.last_time = start_step, None
+
+  def report(self, step: int) -> dict:
+    now = time.time()
+    if self.last_time is None:
+      self.last_step, self.last_time = step, now
+      return {}
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    return {'steps_per_sec': rate, 'eta_sec': (self.total_steps - step) / max(rate, 1e-9)}
+
+
+def format_eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def log_line(step: int, total: int, scalars: dict, progress: dict) -> None:
+  parts = [f'step {step}/{total}'] + [f'{k}={v:.4g}' for k, v in scalars.items()]
+  if progress:
+    parts += [f"{progress['steps_per_sec']:.2f} steps/s", f"ETA {format_eta(progress['eta_sec'])}"]
+  logging.info(' | '.join(parts))

@@ -1,0 +1,161 @@
+"""A diffusion transformer over spacetime patches (DiT with adaLN-Zero, cross-attention to text).
+
+Shape letters: b batch, t h w latent frames/height/width (in patches after patchify), c latent
+channels, p values per patch (pt*ph*pw*c), s = t*h*w tokens, d width, l text tokens.
+
+Inputs: a noisy latent video x_bthwc, the flow time t_b in [0, 1], and text embeddings with
+their mask. Positions (t, h, w) of each token are explicit so that packing can come later.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax.models import layers
+from sora_jax.models.axes import constrain
+from sora_jax.models.text import ByteTextEncoder
+
+# ----------------------------------------------------------------------------------------------
+# Patchify (pure functions).
+# ----------------------------------------------------------------------------------------------
+
+
+def patchify(x_bthwc, patch: tuple[int, int, int]):
+  """[b, T, H, W, c] -> [b, s, p] with tokens in (t, h, w) raster order and p = pt*ph*pw*c."""
+  b, T, H, W, c = x_bthwc.shape
+  pt, ph, pw = patch
+  if T % pt or H % ph or W % pw:
+    raise ValueError(f'patch size {patch} does not divide the latent video {(T, H, W)}')
+  x = x_bthwc.reshape(b, T // pt, pt, H // ph, ph, W // pw, pw, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # b t h w pt ph pw c
+  return x.reshape(b, (T // pt) * (H // ph) * (W // pw), pt * ph * pw * c)
+
+
+def unpatchify(x_bsp, patch: tuple[int, int, int], grid: tuple[int, int, int], channels: int):
+  """Inverse of `patchify`: [b, s, p] -> [b, T, H, W, c] for a token grid (t, h, w)."""
+  b = x_bsp.shape[0]
+  pt, ph, pw = patch
+  t, h, w = grid
+  x = x_bsp.reshape(b, t, h, w, pt, ph, pw, channels)
+  x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # b t pt h ph w pw c
+  return x.reshape(b, t * pt, h * ph, w * pw, channels)
+
+
+def grid_positions(grid: tuple[int, int, int]):
+  """[s, 3] int32 (t, h, w) coordinates of the tokens of a grid, in patchify order."""
+  t, h, w = grid
+  tt, hh, ww = jnp.meshgrid(jnp.arange(t), jnp.arange(h), jnp.arange(w), indexing='ij')
+  return jnp.stack([tt, hh, ww], axis=-1).reshape(-1, 3).astype(jnp.int32)
+
+
+def timestep_embedding(t_b, dim: int, max_period: float = 10000.0):
+  """Sinusoidal features [b, dim] of t in [0, 1] (scaled by 1000 as in DiT)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = 1000.0 * t_b.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks.
+# ----------------------------------------------------------------------------------------------
+
+
+class DiTBlock(nnx.Module):
+  """Self-attention (3D RoPE) and MLP modulated by adaLN-Zero; cross-attention to text in between.
+
+  At initialisation the modulation and the cross-attention output are zero, so the block is the
+  identity: a deep stack starts as a shallow one.
+  """
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, text_dim: int, rngs: nnx.Rngs,
+               dtype, attention_impl):
+    kw = dict(rngs=rngs, dtype=dtype, implementation=attention_impl)
+    self.self_attn = layers.Attention(dim, num_heads, **kw)
+    self.cross_norm = layers.RMSNorm(dim, 'embed', rngs=rngs)
+    self.cross_attn = layers.Attention(dim, num_heads, context_dim=text_dim, zero_out=True, **kw)
+    self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
+    self.modulation = layers.Dense(dim, 6 * dim, ('embed', 'mlp'), rngs=rngs, zero=True, dtype=dtype)
+
+  def __call__(self, x_bsd, c_bd, pos_bs3, text_bld, text_mask_bl):
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(jax.nn.silu(c_bd)), 6, -1)
+    h = self.self_attn(layers.modulate(layers.layer_norm(x_bsd), shift1, scale1), pos_bsa=pos_bs3)
+    x_bsd = x_bsd + gate1[:, None] * h
+    x_bsd = x_bsd + self.cross_attn(self.cross_norm(x_bsd), context_bld=text_bld, mask_bl=text_mask_bl)
+    h = self.mlp(layers.modulate(layers.layer_norm(x_bsd), shift2, scale2))
+    x_bsd = x_bsd + gate2[:, None] * h
+    return constrain(x_bsd, ('act_batch', 'act_seq', 'act_embed'))
+
+
+class FinalLayer(nnx.Module):
+  def __init__(self, dim: int, patch_values: int, *, rngs: nnx.Rngs, dtype):
+    self.modulation = layers.Dense(dim, 2 * dim, ('embed', 'mlp'), rngs=rngs, zero=True, dtype=dtype)
+    self.proj = layers.Dense(dim, patch_values, ('embed', 'patch'), rngs=rngs, zero=True, dtype=dtype)
+
+  def __call__(self, x_bsd, c_bd):
+    shift, scale = jnp.split(self.modulation(jax.nn.silu(c_bd)), 2, -1)
+    return self.proj(layers.modulate(layers.layer_norm(x_bsd), shift, scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model.
+# ----------------------------------------------------------------------------------------------
+
+
+class DiT(nnx.Module):
+  """Text-conditioned DiT; owns the built-in text encoder so both train together.
+
+  __call__(x_bthwc, t_b, tokens_bl, token_mask_bl) -> prediction [b, T, H, W, c] (x0 or velocity,
+  as the objective chooses; the network does not care).
+  """
+
+  def __init__(self, *, channels: int, patch: tuple[int, int, int], width: int, depth: int,
+               num_heads: int, mlp_ratio: float = 4.0, text_width: int = 128, text_depth: int = 2,
+               text_heads: int = 4, pooled_text: bool = True, rope_theta: float = 10000.0,
+               dtype=jnp.float32, attention_impl: str | None = None, rngs: nnx.Rngs):
+    self.patch = tuple(patch)
+    self.channels = channels
+    self.pooled_text = pooled_text
+    self.rope_theta = rope_theta
+    patch_values = math.prod(self.patch) * channels
+    self.text_encoder = ByteTextEncoder(text_width, text_depth, text_heads, rngs=rngs, dtype=dtype)
+    self.patch_embed = layers.Dense(patch_values, width, ('patch', 'embed'), rngs=rngs, dtype=dtype)
+    self.time_mlp1 = layers.Dense(256, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
+    self.time_mlp2 = layers.Dense(width, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
+    self.text_proj = layers.Dense(text_width, width, ('text_embed', 'embed'), rngs=rngs, dtype=dtype)
+    self.blocks = nnx.List([
+        DiTBlock(width, num_heads, mlp_ratio, text_dim=width, rngs=rngs, dtype=dtype,
+                 attention_impl=attention_impl) for _ in range(depth)])
+    self.final = FinalLayer(width, patch_values, rngs=rngs, dtype=dtype)
+
+  def encode_text(self, tokens_bl, mask_bl):
+    text_bld, mask_bl = self.text_encoder(tokens_bl, mask_bl)
+    return self.text_proj(text_bld), mask_bl
+
+  def __call__(self, x_bthwc, t_b, tokens_bl, token_mask_bl):
+    b, T, H, W, c = x_bthwc.shape
+    grid = (T // self.patch[0], H // self.patch[1], W // self.patch[2])
+    pos_bs3 = jnp.broadcast_to(grid_positions(grid)[None], (b, math.prod(grid), 3))
+    x_bsd = self.patch_embed(patchify(x_bthwc, self.patch))
+    x_bsd = constrain(x_bsd, ('act_batch', 'act_seq', 'act_embed'))
+    text_bld, text_mask_bl = self.encode_text(tokens_bl, token_mask_bl)
+    c_bd = self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t_b, 256))))
+    if self.pooled_text:  # a global summary of the caption helps adaLN steer colour and shape
+      weights = text_mask_bl[..., None].astype(text_bld.dtype)
+      c_bd = c_bd + (text_bld * weights).sum(1) / weights.sum(1)
+    for block in self.blocks:
+      x_bsd = block(x_bsd, c_bd, pos_bs3, text_bld, text_mask_bl)
+    out_bsp = self.final(x_bsd, c_bd)
+    return unpatchify(out_bsp, self.patch, grid, c).astype(jnp.float32)
+
+
+def from_config(model_config, channels: int, rngs: nnx.Rngs) -> DiT:
+  """The DiT described by `config.model` for a latent with `channels` channels."""
+  return DiT(channels=channels, patch=tuple(model_config.patch), width=model_config.width,
+             depth=model_config.depth, num_heads=model_config.num_heads,
+             mlp_ratio=model_config.mlp_ratio, text_width=model_config.text_width,
+             text_depth=model_config.text_depth, text_heads=model_config.text_heads,
+             pooled_text=model_config.pooled_text, rope_theta=model_config.rope_theta,
+             dtype=jnp.dtype(model_config.dtype), attention_impl=model_config.attention_impl, rngs=rngs)

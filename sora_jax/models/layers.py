@@ -1,0 +1,143 @@
+"""Building blocks shared by the DiT and the text encoder: dense, norms, RoPE, attention, MLP.
+
+Shape letters: b batch, s query tokens, l key tokens, d width, n heads, k head dim, f MLP width.
+Parameters are float32; each layer computes in `dtype` (float32 or bfloat16).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax.models.axes import constrain, param
+
+init_normal = nnx.initializers.normal
+init_zeros = nnx.initializers.zeros_init()
+init_ones = nnx.initializers.ones_init()
+init_xavier = nnx.initializers.xavier_uniform()
+
+
+class Dense(nnx.Module):
+  """y = x @ W + b over the last axis; `zero=True` gives the zero init of adaLN-Zero layers."""
+
+  def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, rngs: nnx.Rngs,
+               zero: bool = False, dtype=jnp.float32):
+    self.kernel = param(rngs, init_zeros if zero else init_xavier, (d_in, d_out), axes)
+    self.bias = param(rngs, init_zeros, (d_out,), (axes[1],))
+    self.dtype = dtype
+
+  def __call__(self, x):
+    return x.astype(self.dtype) @ self.kernel.astype(self.dtype) + self.bias.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMS normalisation over the last axis with a learned scale (used for QK-norm and the text encoder)."""
+
+  def __init__(self, dim: int, axis_name: str = 'norm', *, rngs: nnx.Rngs, eps: float = 1e-6):
+    self.scale = param(rngs, init_ones, (dim,), (axis_name,))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32**2, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale).astype(x.dtype)
+
+
+def layer_norm(x, eps: float = 1e-6):
+  """LayerNorm without affine parameters: adaLN supplies the shift and scale."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.var(x32, axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x_bsd, shift_bd, scale_bd):
+  return x_bsd * (1 + scale_bd[:, None]) + shift_bd[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding over any number of position axes (t, h, w for video; 1 for text).
+# ----------------------------------------------------------------------------------------------
+
+def rope_dims(head_dim: int, num_axes: int) -> tuple[int, ...]:
+  """Splits the head dim into one even-sized part per position axis; the first gets the rest."""
+  base = (head_dim // num_axes) // 2 * 2
+  first = head_dim - base * (num_axes - 1)
+  if base == 0 or first % 2:
+    raise ValueError(f'head dim {head_dim} cannot be split into {num_axes} even RoPE parts')
+  return (first,) + (base,) * (num_axes - 1)
+
+
+def apply_rope(x_bsnk, pos_bsa, theta: float = 10000.0):
+  """Rotates pairs of channels of each head by angles pos * freq, one block of channels per axis.
+
+  x_bsnk: [b, s, n, k] queries or keys.  pos_bsa: [b, s, a] explicit positions (t, h, w), so
+  packed or cropped sequences keep their true coordinates. Dot products of rotated q and k depend
+  only on position differences.
+  """
+  dims = rope_dims(x_bsnk.shape[-1], pos_bsa.shape[-1])
+  angles = []
+  for axis, dim in enumerate(dims):
+    freqs = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)  # [dim/2]
+    angles.append(pos_bsa[..., axis:axis + 1].astype(jnp.float32) * freqs)  # [b, s, dim/2]
+  angle_bsh = jnp.concatenate(angles, axis=-1)[:, :, None, :]  # [b, s, 1, k/2]
+  cos, sin = jnp.cos(angle_bsh), jnp.sin(angle_bsh)
+  x1, x2 = jnp.split(x_bsnk.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return rotated.astype(x_bsnk.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention and MLP.
+# ----------------------------------------------------------------------------------------------
+
+class Attention(nnx.Module):
+  """Multi-head attention with QK-norm; self-attention with RoPE, or cross-attention to `context`.
+
+  `zero_out=True` zero-initialises the output projection so the residual branch starts at 0.
+  `implementation` is passed to `jax.nn.dot_product_attention` (None/'xla' or 'cudnn').
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, context_dim: int | None = None,
+               qk_norm: bool = True, zero_out: bool = False, dtype=jnp.float32,
+               implementation: str | None = None):
+    if dim % num_heads:
+      raise ValueError(f'width {dim} is not divisible by {num_heads} heads')
+    k = dim // num_heads
+    context_dim = context_dim or dim
+    self.wq = param(rngs, init_xavier, (dim, num_heads, k), ('embed', 'heads', 'kv'))
+    self.wk = param(rngs, init_xavier, (context_dim, num_heads, k), ('embed', 'heads', 'kv'))
+    self.wv = param(rngs, init_xavier, (context_dim, num_heads, k), ('embed', 'heads', 'kv'))
+    self.wo = param(rngs, init_zeros if zero_out else init_xavier, (num_heads, k, dim),
+                    ('heads', 'kv', 'embed'))
+    self.bo = param(rngs, init_zeros, (dim,), ('embed',))
+    self.q_norm = RMSNorm(k, rngs=rngs) if qk_norm else None
+    self.k_norm = RMSNorm(k, rngs=rngs) if qk_norm else None
+    self.dtype = dtype
+    self.implementation = None if implementation in (None, 'xla') else implementation
+
+  def __call__(self, x_bsd, *, context_bld=None, mask_bl=None, pos_bsa=None):
+    """mask_bl: [b, l] True where a key is real; pos_bsa: positions for RoPE (self-attention)."""
+    dt = self.dtype
+    kv_in = x_bsd if context_bld is None else context_bld
+    q = jnp.einsum('bsd,dnk->bsnk', x_bsd.astype(dt), self.wq.astype(dt))
+    k = jnp.einsum('bld,dnk->blnk', kv_in.astype(dt), self.wk.astype(dt))
+    v = jnp.einsum('bld,dnk->blnk', kv_in.astype(dt), self.wv.astype(dt))
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if pos_bsa is not None:
+      q, k = apply_rope(q, pos_bsa), apply_rope(k, pos_bsa)
+    q = constrain(q, ('act_batch', 'act_seq', 'act_heads', None))
+    mask = None if mask_bl is None else mask_bl[:, None, None, :]  # [b, 1(n), 1(s), l]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+    return jnp.einsum('bsnk,nkd->bsd', out, self.wo.astype(dt)) + self.bo.astype(dt)
+
+
+class Mlp(nnx.Module):
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.fc1 = Dense(dim, hidden, ('embed', 'mlp'), rngs=rngs, dtype=dtype)
+    self.fc2 = Dense(hidden, dim, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x_bsd):
+    h = jax.nn.gelu(self.fc1(x_bsd), approximate=True)
+    h = constrain(h, ('act_batch', 'act_seq', 'act_mlp'))
+    return self.fc2(h)

@@ -1,0 +1,31 @@
+"""The optimizer from the config: warmup + cosine schedule, global-norm clipping, AdamW; and EMA."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(opt_config, total_steps: int) -> optax.Schedule:
+  warmup = min(opt_config.warmup_steps, total_steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=opt_config.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=opt_config.learning_rate * opt_config.final_lr_fraction)
+
+
+def make_optimizer(opt_config, total_steps: int) -> optax.GradientTransformation:
+  # Norms, biases and embeddings are not decayed.
+  def decay_mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.ndim >= 2 and 'embedding' not in jax.tree_util.keystr(path), params)
+
+  return optax.chain(
+      optax.clip_by_global_norm(opt_config.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(opt_config, total_steps), b1=opt_config.b1,
+                  b2=opt_config.b2, weight_decay=opt_config.weight_decay, mask=decay_mask),
+  )
+
+
+def ema_update(ema, params, decay: float, step):
+  """ema <- decay * ema + (1 - decay) * params, with the decay warmed up as (1 + n) / (10 + n)."""
+  decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)

@@ -1,0 +1,151 @@
+r"""Sampling: restore the EMA parameters of a workdir, integrate the flow with guidance, write videos.
+
+  python -m sora_jax.sample --workdir=runs/shapes --prompt="a red circle moving right" --out=red.mp4
+
+From a notebook:
+  model = sample.load('runs/shapes')
+  videos = sample.generate(model, ['a red circle moving right'], seed=0)   # uint8 [b, T, H, W, 3]
+"""
+
+import dataclasses
+import json
+import os
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from sora_jax import UsageError, checkpoint, sharding, video
+from sora_jax.diffusion import rectified_flow as rf
+from sora_jax.models import autoencoder as autoencoder_lib
+from sora_jax.models import dit, text
+
+
+@dataclasses.dataclass
+class Model:
+  """What sampling needs: the config, the DiT's graph and (EMA) parameters, the autoencoder."""
+  config: ml_collections.ConfigDict
+  graphdef: nnx.GraphDef
+  params: dict
+  autoencoder: object
+  step: int = 0
+
+
+@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction', 'min_t'))
+def _sample_latents(params, graphdef, noise, tokens, mask, null_tokens, null_mask, guidance_scale,
+                    time_shift, *, num_steps: int, prediction: str, min_t: float):
+  net = nnx.merge(graphdef, params)
+
+  def velocity(x, t_b, cond):
+    return rf.to_velocity(net(x, t_b, *cond), x, t_b, prediction_type=prediction, min_t=min_t)
+
+  fn = rf.guided(velocity, (tokens, mask), (null_tokens, null_mask), guidance_scale)
+  return rf.sample(fn, noise, num_steps=num_steps, shift=time_shift)
+
+
+def generate(model: Model, prompts: list[str], *, seed: int = 0, num_steps: int | None = None,
+             guidance_scale: float | None = None, time_shift: float | None = None) -> np.ndarray:
+  """uint8 videos [len(prompts), T, H, W, 3]; unset options come from `config.sample`."""
+  cfg = model.config
+  num_steps = num_steps or cfg.sample.num_steps
+  guidance_scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
+  time_shift = cfg.sample.time_shift if time_shift is None else time_shift
+  if num_steps < 1:
+    raise UsageError(f'steps={num_steps}: need at least one sampling step')
+  tokens, mask = text.tokenize(list(prompts), cfg.data.max_text_len)
+  null_tokens, null_mask = text.tokenize([''] * len(prompts), cfg.data.max_text_len)
+  shape = model.autoencoder.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
+  key = jax.random.key(seed)
+  noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, i), (*shape, model.autoencoder.channels))
+                     for i in range(len(prompts))])  # one noise per prompt, whatever the batch
+  latents = _sample_latents(model.params, model.graphdef, noise, tokens, mask, null_tokens, null_mask,
+                            guidance_scale, time_shift, num_steps=num_steps,
+                            prediction=cfg.objective.prediction, min_t=cfg.objective.min_t)
+  return video.to_uint8(jax.device_get(model.autoencoder.decode(latents)))
+
+
+def abstract_model(config):
+  """The DiT's graph and abstract parameters (no memory) for a config."""
+  ae = autoencoder_lib.make(config.autoencoder)
+  abstract = nnx.eval_shape(lambda: dit.from_config(config.model, ae.channels, nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  return graphdef, abstract_params, ae
+
+
+def load(workdir: str, step: int | None = None) -> Model:
+  """Restores the EMA parameters of `workdir`, sharded (FSDP) over the local devices."""
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(config_path):
+    raise UsageError(f'{config_path} not found: is --workdir a training workdir?')
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  mngr = checkpoint.manager(workdir, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise UsageError(f'no checkpoint{"" if step is None else f" at step {step}"} in {workdir}/checkpoints')
+  graphdef, abstract_params, ae = abstract_model(config)
+  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1, sequence=1))
+  specs = nnx.get_partition_spec(abstract_params).to_pure_dict()
+  pure = abstract_params.to_pure_dict()
+  shardings = sharding.logical_to_shardings(specs, pure, mesh, config.sharding_rules)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings)
+  params = checkpoint.restore_ema(mngr, step, target)
+  mngr.close()
+  return Model(config, graphdef, params, ae, step)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+# ------------------------------------------------------------------------------------------------
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defined on demand, so that importing this module (as train.py does) defines no flags."""
+  flags.DEFINE_string('workdir', None, 'Training workdir to sample from.')
+  flags.DEFINE_multi_string('prompt', None, 'Text prompt; repeat for several videos.')
+  flags.DEFINE_string('out', 'sample.mp4', 'Output .mp4 or .gif; with several prompts, _0, _1, ... '
+                      'are inserted before the suffix.')
+  flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance scale (default: config).')
+  flags.DEFINE_integer('steps', None, 'Euler steps (default: config).')
+  flags.DEFINE_integer('seed', 0, 'Noise seed.')
+  flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step to use (default: latest).')
+  flags.DEFINE_integer('upscale', 1, 'Repeat pixels this many times in the written video.')
+
+
+def output_paths(out: str, count: int) -> list[str]:
+  root, suffix = os.path.splitext(out)
+  if suffix.lower() not in video.SUFFIXES:
+    raise UsageError(f'--out={out}: use a .mp4 or .gif file name')
+  return [out] if count == 1 else [f'{root}_{i}{suffix}' for i in range(count)]
+
+
+def main(argv):
+  del argv
+  try:
+    if not FLAGS.workdir or not FLAGS.prompt:
+      raise UsageError('--workdir and --prompt are required')
+    paths = output_paths(FLAGS.out, len(FLAGS.prompt))
+    model = load(FLAGS.workdir, FLAGS.checkpoint_step)
+    videos = generate(model, FLAGS.prompt, seed=FLAGS.seed, num_steps=FLAGS.steps,
+                      guidance_scale=FLAGS.guidance_scale)
+    for prompt, path, v in zip(FLAGS.prompt, paths, videos):
+      try:
+        video.write(path, v, fps=model.config.sample.fps, upscale=FLAGS.upscale)
+      except OSError as e:
+        raise UsageError(f'cannot write {path}: {e.strerror or e}') from None
+      print(f'{path}: "{prompt}" (step {model.step})')
+  except UsageError as e:
+    logging.error('%s', e)
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

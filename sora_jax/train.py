@@ -1,0 +1,238 @@
+"""The trainer: one linear function from a config and a workdir to a trained, sampled model.
+
+Phases: validate config -> mesh -> input -> model + optimizer (abstract) -> sharded state
+(created or restored) -> jitted train step -> loop (log, checkpoint) -> samples.
+This is the only module that reads the whole experiment config.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from sora_jax import UsageError, checkpoint, metrics, optim, sample, sharding, video
+from sora_jax.data import pipeline
+from sora_jax.diffusion import rectified_flow as rf
+from sora_jax.models import dit, text
+
+# ------------------------------------------------------------------------------------------------
+# Config validation: before any compilation, one line naming the field.
+# ------------------------------------------------------------------------------------------------
+
+
+def validate_config(config, num_devices: int) -> dict[str, int]:
+  """Raises UsageError for a bad config; returns the resolved mesh sizes."""
+  for field in ('total_steps', 'batch_size', 'log_every_steps', 'checkpoint_every_steps'):
+    if int(config[field]) <= 0:
+      raise UsageError(f'config.{field}={config[field]}: must be a positive integer')
+  try:
+    sizes = sharding.mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  batch_axes = dict(sharding.rules_tuple(config.sharding_rules)).get('act_batch') or ()
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+  dp = math.prod(sizes[a] for a in batch_axes)
+  if config.batch_size % dp:
+    raise UsageError(f'config.batch_size={config.batch_size} is not divisible by the data-parallel '
+                     f'size {dp} (mesh axes {tuple(batch_axes)})')
+  if config.batch_size % jax.process_count():
+    raise UsageError(f'config.batch_size={config.batch_size} is not divisible by the '
+                     f'{jax.process_count()} processes')
+  d, m = config.data, config.model
+  for name, size, p in zip(('frames', 'height', 'width'), (d.frames, d.height, d.width), m.patch):
+    if p <= 0 or size % p:
+      raise UsageError(f'config.model.patch={tuple(m.patch)} does not divide config.data.{name}={size}')
+  if m.width % m.num_heads:
+    raise UsageError(f'config.model.width={m.width} is not divisible by config.model.num_heads={m.num_heads}')
+  if config.objective.prediction not in ('x0', 'velocity'):
+    raise UsageError(f'config.objective.prediction={config.objective.prediction!r}: use "x0" or "velocity"')
+  if m.dtype not in ('float32', 'bfloat16'):
+    raise UsageError(f'config.model.dtype={m.dtype!r}: use "float32" or "bfloat16"')
+  return sizes
+
+
+# ------------------------------------------------------------------------------------------------
+# Train state: {'step', 'params', 'opt_state', 'ema'}, created sharded.
+# ------------------------------------------------------------------------------------------------
+
+
+def state_shardings(config, mesh, tx):
+  """(graphdef, abstract state with shardings, state shardings); allocates nothing."""
+  graphdef, abstract_params, _ = sample.abstract_model(config)
+  logical = nnx.get_partition_spec(abstract_params).to_pure_dict()
+  params = abstract_params.to_pure_dict()
+  param_shardings = sharding.logical_to_shardings(logical, params, mesh, config.sharding_rules)
+  abstract_opt = jax.eval_shape(tx.init, params)
+  # Optimizer moments shard like their parameters; counters are replicated.
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                        transform_non_params=lambda _: sharding.replicated(mesh))
+  shardings = dict(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings,
+                   ema=param_shardings)
+  abstract = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=abstract_opt,
+                  ema=params)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  return graphdef, abstract, shardings
+
+
+def create_state(config, channels: int, tx, shardings):
+  """Initialises parameters directly into their shards: no device holds the full model."""
+
+  def init():
+    model = dit.from_config(config.model, channels, nnx.Rngs(config.seed))
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=params)
+
+  return jax.jit(init, out_shardings=shardings)()
+
+
+# ------------------------------------------------------------------------------------------------
+# The train step.
+# ------------------------------------------------------------------------------------------------
+
+
+def make_train_step(config, graphdef, tx, autoencoder):
+  obj = config.objective
+  null_tokens, null_mask = text.tokenize([''], config.data.max_text_len)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.key(config.seed), state['step'])  # no RNG state to save
+    r_noise, r_time, r_drop = jax.random.split(rng, 3)
+    x0 = autoencoder.encode(batch['video'].astype(jnp.float32) / 127.5 - 1.0)
+    b = x0.shape[0]
+    drop = jax.random.uniform(r_drop, (b, 1)) < obj.caption_dropout
+    tokens = jnp.where(drop, null_tokens, batch['tokens'])
+    mask = jnp.where(drop, null_mask, batch['token_mask'])
+    noise = jax.random.normal(r_noise, x0.shape)
+    t = rf.sample_time(r_time, b, mean=obj.time_mean, std=obj.time_std, shift=obj.time_shift,
+                       high_noise_fraction=obj.high_noise_fraction, high_noise_min=obj.high_noise_min)
+
+    def loss_fn(params):
+      net = nnx.merge(graphdef, params)
+      apply = lambda x_t, t_b: net(x_t, t_b, tokens, mask)
+      loss, _ = rf.loss(apply, x0, noise, t, prediction_type=obj.prediction)
+      return loss
+
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    ema = optim.ema_update(state['ema'], params, config.ema_decay, state['step'])
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss or gradient skips the update: parameters, moments and EMA stay.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = dict(step=state['step'] + 1, params=keep(params, state['params']),
+                     opt_state=keep(opt_state, state['opt_state']), ema=keep(ema, state['ema']))
+    step_metrics = {'train/loss': loss, 'train/grad_norm': grad_norm,
+                    'train/param_norm': optax.global_norm(params),
+                    'train/skipped_nonfinite': 1.0 - finite.astype(jnp.float32)}
+    return new_state, step_metrics
+
+  return train_step
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+# ------------------------------------------------------------------------------------------------
+
+
+def write_samples(config, graphdef, params, autoencoder, step: int, workdir: str, writer) -> list[str]:
+  """Samples `config.sample.prompts` with the EMA parameters into WORKDIR/samples/STEP/."""
+  model = sample.Model(config, graphdef, params, autoencoder, step)
+  prompts = list(config.sample.prompts)
+  videos = sample.generate(model, prompts, seed=config.seed)
+  paths = []
+  if jax.process_index() == 0:
+    out_dir = os.path.join(workdir, 'samples', f'{step:08d}')
+    for i, (prompt, v) in enumerate(zip(prompts, videos)):
+      name = f'{i:02d}_' + prompt.replace(' ', '_')
+      for suffix in ('.mp4', '.gif'):
+        paths.append(video.write(os.path.join(out_dir, name + suffix), v, fps=config.sample.fps))
+    writer.videos(step, {f'samples/{i:02d}_' + p.replace(' ', '_'): v for i, (p, v) in enumerate(zip(prompts, videos))},
+                  fps=config.sample.fps)
+  return paths
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final state."""
+  sizes = validate_config(config, jax.device_count())
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # --- Mesh. ---
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_tuple(config.sharding_rules)
+  logging.info('mesh %s over %d devices (%s)', sizes, jax.device_count(), jax.devices()[0].platform)
+
+  # --- Input. ---
+  local_batch = config.batch_size // jax.process_count()
+  source = pipeline.data_source(config.data, 'train')
+  data_iter = pipeline.make_iterator(source, local_batch_size=local_batch, seed=config.data.seed,
+                                     max_text_len=config.data.max_text_len,
+                                     process_index=jax.process_index(), process_count=jax.process_count(),
+                                     worker_count=config.data.worker_count)
+
+  # --- Model, optimizer and sharded state. ---
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  graphdef, abstract_state, shardings = state_shardings(config, mesh, tx)
+  autoencoder = sample.abstract_model(config)[2]
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state['params']))
+  logging.info('model: %.2fM parameters', num_params / 1e6)
+
+  mngr = checkpoint.manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
+  start_step = mngr.latest_step()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    if start_step is None:
+      state = create_state(config, autoencoder.channels, tx, shardings)
+      start_step = 0
+    else:
+      logging.info('resuming from %s at step %d', mngr.directory, start_step)
+      state = checkpoint.restore(mngr, start_step, abstract_state, data_iter)
+
+    # --- The jitted step: state donated, shardings explicit. ---
+    batch_shardings = {k: sharding.batch_sharding(mesh, nd, rules)
+                       for k, nd in (('video', 5), ('tokens', 2), ('token_mask', 2))}
+    step_fn = jax.jit(make_train_step(config, graphdef, tx, autoencoder),
+                      in_shardings=(shardings, batch_shardings),
+                      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+    writer = metrics.Writer(workdir, enabled=is_main)
+    progress = metrics.Progress(config.total_steps, start_step)
+    pending = []  # device metrics since the last log: no host sync per step
+    logging.info('training steps %d..%d, global batch %d', start_step, config.total_steps, config.batch_size)
+    for step in range(start_step, config.total_steps):
+      local = next(data_iter)
+      batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], local[k]) for k in batch_shardings}
+      state, step_metrics = step_fn(state, batch)
+      pending.append(step_metrics)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == config.total_steps:
+        means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+        means['train/skipped_nonfinite'] *= len(pending)  # a count, not a rate
+        means['train/learning_rate'] = float(optim.learning_rate_schedule(config.optim, config.total_steps)(done))
+        pending = []
+        rate = progress.report(done)
+        writer.scalars(done, {**means, **{f'perf/{k}': v for k, v in rate.items()}})
+        metrics.log_line(done, config.total_steps, {'loss': means['train/loss']}, rate)
+      if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
+        checkpoint.save(mngr, done, state, data_iter)
+
+    mngr.wait_until_finished()
+    final_step = int(jax.device_get(state['step']))
+    if config.sample.prompts:
+      paths = write_samples(config, graphdef, state['ema'], autoencoder, final_step, workdir, writer)
+      if paths:
+        logging.info('samples written to %s', os.path.dirname(paths[0]))
+  writer.close()
+  mngr.close()
+  return state

@@ -1,0 +1,54 @@
+"""The two README commands, as a new user runs them (tiny config)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sora_jax import video
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.mark.slow
+def test_main_trains_and_sample_writes_a_video(data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  result = run('sora_jax.main', '--config=configs/shapes.py:tiny', f'--workdir={workdir}',
+               f'--config.data.data_dir={data_dir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'steps/s' in result.stderr and 'ETA' in result.stderr
+  names = set(os.listdir(workdir))
+  assert {'checkpoints', 'metrics.jsonl', 'samples', 'config.json'} <= names
+  assert any(n.startswith('events.out.tfevents') for n in names)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert rows[-1]['step'] == 4 and np.isfinite(rows[-1]['train/loss'])
+  (sample_dir,) = os.listdir(os.path.join(workdir, 'samples'))
+  assert len(os.listdir(os.path.join(workdir, 'samples', sample_dir))) == 4  # 2 prompts x mp4, gif
+
+  for out in ('red.mp4', 'red.gif'):
+    path = str(tmp_path / out)
+    result = run('sora_jax.sample', f'--workdir={workdir}', '--prompt=a red circle moving right',
+                 f'--out={path}', '--steps=3', '--guidance_scale=2', '--seed=1')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert video.read(path).shape == (8, 32, 32, 3)
+
+
+def test_sample_from_a_workdir_without_checkpoint_is_a_one_line_error(tmp_path):
+  result = run('sora_jax.sample', f'--workdir={tmp_path}', '--prompt=a red circle moving right')
+  assert result.returncode != 0
+  assert 'error:' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_a_mistyped_config_field_is_rejected(tmp_path):
+  result = run('sora_jax.main', '--config=configs/shapes.py:tiny', f'--workdir={tmp_path}',
+               '--config.totl_steps=3')
+  assert result.returncode != 0 and 'totl_steps' in result.stderr

@@ -1,0 +1,66 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sora_jax.models import dit, text
+
+
+def small_dit(**kw):
+  args = dict(channels=3, patch=(2, 4, 4), width=32, depth=2, num_heads=2, text_width=16,
+              text_depth=1, text_heads=2, rngs=nnx.Rngs(0))
+  return dit.DiT(**(args | kw))
+
+
+def inputs(b=2):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(b, 4, 8, 8, 3)), jnp.float32)
+  tokens, mask = text.tokenize(['a red circle moving left', ''][:b], 16)
+  return x, jnp.array([0.3, 0.9][:b]), tokens, mask
+
+
+def test_output_has_the_input_shape():
+  model = small_dit()
+  assert model(*inputs()).shape == (2, 4, 8, 8, 3)
+
+
+def test_adaln_zero_blocks_start_as_identity_and_the_model_outputs_zero():
+  model = small_dit()
+  x_bsd = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 32)), jnp.float32)
+  c_bd = jnp.ones((2, 32))
+  pos = jnp.broadcast_to(dit.grid_positions((2, 2, 2))[None], (2, 8, 3))
+  tokens, mask = text.tokenize(['a blue square', 'x'], 16)
+  text_bld, text_mask = model.encode_text(tokens, mask)
+  for block in model.blocks:
+    np.testing.assert_allclose(block(x_bsd, c_bd, pos, text_bld, text_mask), x_bsd, atol=1e-6)
+  np.testing.assert_array_equal(model(*inputs()), 0.0)
+
+
+def test_every_parameter_has_one_logical_axis_name_per_dimension():
+  abstract = nnx.eval_shape(lambda: small_dit())
+  params = nnx.state(abstract, nnx.Param)
+  specs = nnx.get_partition_spec(params).to_pure_dict()
+  shapes = params.to_pure_dict()
+  flat_specs = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  flat_shapes = jax.tree.leaves(shapes)
+  assert len(flat_specs) == len(flat_shapes) > 0
+  for (path, spec), x in zip(flat_specs, flat_shapes):
+    assert len(spec) == len(x.shape), jax.tree_util.keystr(path)
+    assert all(isinstance(name, str) for name in spec), jax.tree_util.keystr(path)
+
+
+def test_text_conditioning_changes_the_output_once_trained_layers_are_nonzero():
+  model = small_dit()
+  # Give the zero-initialised output layers weights, as training would.
+  for layer in [model.final.proj, model.final.modulation]:
+    layer.kernel.value = jnp.full(layer.kernel.shape, 0.05)
+  x, t, _, _ = inputs()
+  a = model(x, t, *text.tokenize(['a red circle', 'a red circle'], 16))
+  b = model(x, t, *text.tokenize(['a blue square', 'a blue square'], 16))
+  assert not np.allclose(a, b)
+
+
+def test_tokenize_pads_truncates_and_starts_with_bos():
+  tokens, mask = text.tokenize(['ab', '', 'é' * 20], 6)
+  assert tokens[0].tolist() == [text.BOS_ID, ord('a') + 2, ord('b') + 2, 0, 0, 0]
+  assert mask[1].tolist() == [True] + [False] * 5  # the null caption keeps its BOS key
+  assert mask[2].all()

@@ -1,0 +1,44 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sora_jax.models import layers
+
+
+def test_rope_scores_depend_only_on_relative_3d_position():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, 1, 2, 24)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, 1, 2, 24)), jnp.float32)
+
+  def score(pq, pk):
+    rq = layers.apply_rope(q, jnp.array([[pq]]))
+    rk = layers.apply_rope(k, jnp.array([[pk]]))
+    return np.asarray(jnp.einsum('bsnk,bsnk->n', rq, rk))
+
+  base = score((1, 2, 3), (4, 0, 5))
+  np.testing.assert_allclose(score((11, 7, 6), (14, 5, 8)), base, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(score((1, 2, 3), (4, 1, 5)), base, atol=1e-3)  # another offset differs
+
+
+def test_rope_preserves_norms_and_is_identity_at_the_origin():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 3, 12)), jnp.float32)
+  pos = jnp.asarray(np.random.default_rng(2).integers(0, 9, size=(2, 5, 3)))
+  np.testing.assert_allclose(jnp.linalg.norm(layers.apply_rope(x, pos), axis=-1),
+                             jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(layers.apply_rope(x, jnp.zeros_like(pos)), x, atol=1e-6)
+
+
+def test_rope_dims_split_the_head_dim_into_even_parts():
+  assert layers.rope_dims(32, 3) == (12, 10, 10)
+  assert sum(layers.rope_dims(64, 3)) == 64
+
+
+def test_cross_attention_ignores_masked_keys():
+  from flax import nnx
+  attn = layers.Attention(16, 2, context_dim=8, rngs=nnx.Rngs(0))
+  x = jnp.ones((1, 3, 16))
+  ctx = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 8)), jnp.float32)
+  mask = jnp.array([[True, True, False, False]])
+  changed = ctx.at[:, 2:].set(100.0)
+  np.testing.assert_allclose(attn(x, context_bld=ctx, mask_bl=mask),
+                             attn(x, context_bld=changed, mask_bl=mask), atol=1e-5)

@@ -1,0 +1,134 @@
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import flax.linen as nn
+from jax.sharding import PartitionSpec as P
+
+from sora_jax import UsageError, optim, sharding, train
+from sora_jax.data import pipeline
+
+
+def fixed_batch(config, count=8, seed=0):
+  source = pipeline.data_source(config.data, 'train')
+  it = pipeline.make_iterator(source, local_batch_size=count, seed=seed, max_text_len=config.data.max_text_len)
+  return next(it)
+
+
+def setup_step(config, devices):
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.rules_tuple(config.sharding_rules)
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  graphdef, abstract, shardings = train.state_shardings(config, mesh, tx)
+  ae = train.sample.abstract_model(config)[2]
+  batch_sh = {k: sharding.batch_sharding(mesh, nd, rules) for k, nd in (('video', 5), ('tokens', 2), ('token_mask', 2))}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = train.create_state(config, ae.channels, tx, shardings)
+    step = jax.jit(train.make_train_step(config, graphdef, tx, ae), in_shardings=(shardings, batch_sh),
+                   out_shardings=(shardings, sharding.replicated(mesh)))
+  return mesh, rules, state, step, batch_sh
+
+
+def run_steps(config, devices, batch, steps):
+  mesh, rules, state, step, batch_sh = setup_step(config, devices)
+  losses = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for _ in range(steps):
+      b = {k: jax.device_put(batch[k], batch_sh[k]) for k in batch_sh}
+      state, m = step(state, b)
+      losses.append(float(m['train/loss']))
+  return state, losses
+
+
+def test_a_tiny_model_overfits_one_batch(tiny_config):
+  config = tiny_config
+  config.optim.learning_rate, config.optim.warmup_steps = 3e-3, 5
+  config.total_steps = 60
+  config.objective.high_noise_fraction = 0.0
+  batch = fixed_batch(config)
+  _, losses = run_steps(config, jax.devices()[:1], batch, 60)
+  assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def test_sharded_step_on_data_fsdp_tensor_mesh_matches_one_device(tiny_config):
+  config = tiny_config
+  config.model.update(width=32, num_heads=4, text_heads=2)
+  batch = fixed_batch(config)
+  single, losses1 = run_steps(config, jax.devices()[:1], batch, 2)
+  config.mesh.update(data=2, fsdp=2, tensor=2, sequence=1)
+  sharded, losses8 = run_steps(config, jax.devices()[:8], batch, 2)
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               jax.device_get(sharded['params']), jax.device_get(single['params']))
+  # The parameters really are sharded by the rules: embed -> fsdp, heads/mlp -> tensor.
+  block = sharded['params']['blocks'][0]
+  assert block['self_attn']['wq'].sharding.spec == P('fsdp', 'tensor', None)
+  assert block['mlp']['fc1']['kernel'].sharding.spec == P('fsdp', 'tensor')
+  assert block['mlp']['fc1']['kernel'].addressable_shards[0].data.shape == (16, 64)
+  # Adam moments and EMA are sharded like their parameters.
+  mu = sharded['opt_state'][1][0].mu['blocks'][0]['mlp']['fc1']['kernel']
+  assert mu.sharding.spec == P('fsdp', 'tensor')
+  assert sharded['ema']['blocks'][0]['mlp']['fc1']['kernel'].sharding.spec == P('fsdp', 'tensor')
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_training_resumes_at_the_right_step_with_the_same_data_and_result(tiny_config, tmp_path):
+  config = tiny_config
+  config.sample.prompts = ()
+  full = str(tmp_path / 'full')
+  state_full = train.train_and_evaluate(config, full)
+  # Simulate a run stopped after its step-2 checkpoint: copy it and drop the later one.
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(full, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '4'))
+  os.remove(os.path.join(resumed, 'metrics.jsonl'))
+  state_resumed = train.train_and_evaluate(config, resumed)
+  assert int(state_resumed['step']) == 4
+  rows_full, rows_resumed = read_metrics(full), read_metrics(resumed)
+  assert [r['step'] for r in rows_resumed] == [4]
+  assert rows_resumed[0]['train/loss'] == rows_full[-1]['train/loss']
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state_resumed['params']),
+               jax.device_get(state_full['params']))
+
+
+def test_checkpoint_round_trip_restores_every_array(tiny_config, tmp_path):
+  from sora_jax import checkpoint
+  config = tiny_config
+  mesh = sharding.make_mesh(config.mesh)
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  _, abstract, shardings = train.state_shardings(config, mesh, tx)
+  state = train.create_state(config, 3, tx, shardings)
+  state['step'] = state['step'] + 7
+  mngr = checkpoint.manager(str(tmp_path))
+  checkpoint.save(mngr, 7, state)
+  mngr.wait_until_finished()
+  restored = checkpoint.restore(mngr, mngr.latest_step(), abstract)
+  assert mngr.latest_step() == 7
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+  leaf = restored['params']['patch_embed']['kernel']
+  assert leaf.sharding == shardings['params']['patch_embed']['kernel']
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('total_steps', 0, 'config.total_steps=0'),
+    ('batch_size', 12, 'config.batch_size=12 is not divisible'),
+    ('mesh.tensor', 3, 'config.mesh'),
+    ('model.patch', (3, 8, 8), 'config.data.frames=8'),
+    ('model.num_heads', 5, 'config.model.num_heads=5'),
+])
+def test_bad_config_is_a_one_line_error_naming_the_field(tiny_config, field, value, message):
+  config = tiny_config
+  parent, _, name = field.rpartition('.')
+  (config[parent] if parent else config)[name] = value
+  with pytest.raises(UsageError, match=message.replace('(', r'\(').replace(')', r'\)')) as e:
+    train.validate_config(config, 8)
+  assert '\n' not in str(e.value)
