@@ -48,13 +48,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.max_checkpoints_to_keep = 3
   config.ema_decay = 0.998
+  config.max_consecutive_nonfinite = 20  # skipped (NaN/Inf) steps in a row before the run stops
 
   config.data = dict(
       name='shapes',
       data_dir=ml_collections.config_dict.placeholder(str),  # None: TFDS's default (~/tensorflow_datasets)
       frames=8, height=32, width=32, object_size=12,
       num_train=8192, num_validation=512, seed=0,
-      max_text_len=40,  # byte tokens incl. BOS
+      max_text_len=32,  # byte tokens incl. BOS; the longest caption has 31 bytes
       worker_count=0,  # grain worker processes; 0 reads in the training process
   )
   config.autoencoder = dict(kind='identity')
@@ -63,21 +64,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       patch=(2, 8, 8),  # (t, h, w)
       width=192, depth=4, num_heads=6, mlp_ratio=4.0,
       text_width=128, text_depth=2, text_heads=4,
-      pooled_text=True,  # add the mean text embedding to the adaLN condition
+      pooled_text=True,  # attention-pool the text into the adaLN condition
+      absolute_positions=True,  # sin-cos (t, h, w) features added to the patch embeddings
       rope_theta=10000.0,
       dtype='float32',  # compute dtype; parameters stay float32
       attention_impl='xla',  # or 'cudnn' on GPU
   )
   config.objective = dict(
-      prediction='x0',  # the network predicts x0; the loss is on the velocity (x_t - x0) / t
-      min_t=0.05,  # clamp of t in that division
+      prediction='x0',  # the network predicts x0; the loss is on the velocity (x_t - x0) / t,
+      min_t=0.3,  # i.e. the x0 error weighted by 1 / t^2, a weight capped at 1 / min_t^2
       time_mean=0.0, time_std=1.0,  # logit-normal timestep distribution
       time_shift=1.0,
       high_noise_fraction=0.3, high_noise_min=0.8,  # share of t drawn from U(0.8, 1)
       caption_dropout=0.1,  # empty caption rate, for classifier-free guidance
   )
   config.optim = dict(
-      learning_rate=5e-4, warmup_steps=200, final_lr_fraction=0.1,
+      learning_rate=1e-3, warmup_steps=200, final_lr_fraction=0.1,
       b1=0.9, b2=0.99, weight_decay=0.0, grad_clip_norm=1.0,
   )
   config.sample = dict(

@@ -21,10 +21,13 @@ from sora_jax.data import shapes
 from sora_jax.eval import adherence
 
 flags.DEFINE_string('workdir', None, 'Training workdir.')
+flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest).')
 flags.DEFINE_integer('seeds', 1, 'Samples per caption.')
 flags.DEFINE_integer('batch', 42, 'Prompts per sampling call.')
 flags.DEFINE_float('guidance_scale', None, 'Guidance scale (default: config).')
 flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
+flags.DEFINE_float('time_shift', None, 'Sampling time shift; < 1 spends more steps near the clean end '
+                   '(default: config).')
 flags.DEFINE_string('out_dir', None, 'If set, also write every sample here as a GIF.')
 flags.DEFINE_bool('ground_truth', False, 'Score validation clips instead of samples.')
 FLAGS = flags.FLAGS
@@ -41,7 +44,7 @@ def main(argv):
   try:
     if not FLAGS.workdir:
       raise UsageError('--workdir is required')
-    model = sample.load(FLAGS.workdir)
+    model = sample.load(FLAGS.workdir, FLAGS.checkpoint_step)
     start = time.time()
     if FLAGS.ground_truth:
       from sora_jax.data import pipeline
@@ -55,13 +58,14 @@ def main(argv):
         for i in range(0, len(captions), FLAGS.batch):
           chunk = captions[i:i + FLAGS.batch]
           videos.extend(sample.generate(model, chunk, seed=seed * 100 + i, num_steps=FLAGS.steps,
-                                        guidance_scale=FLAGS.guidance_scale))
+                                        guidance_scale=FLAGS.guidance_scale, time_shift=FLAGS.time_shift))
           prompts.extend(chunk)
     if FLAGS.out_dir:
       for i, (p, v) in enumerate(zip(prompts, videos)):
         video.write(os.path.join(FLAGS.out_dir, f'{i:04d}_{p.replace(" ", "_")}.gif'), v)
     result = adherence.score(videos, prompts)
-    result.update(workdir=FLAGS.workdir, step=model.step, seconds=round(time.time() - start, 1))
+    result.update(workdir=FLAGS.workdir, step=model.step, seconds=round(time.time() - start, 1),
+                  guidance_scale=FLAGS.guidance_scale, steps=FLAGS.steps, time_shift=FLAGS.time_shift)
     print(json.dumps(result))
   except UsageError as e:
     sys.exit(f'error: {e}')

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 def manager(workdir: str, *, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                          create=not read_only, read_only=read_only,
+                                         cleanup_tmp_directories=not read_only,  # what a crash left
                                          enable_async_checkpointing=not read_only)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options)
 

@@ -15,14 +15,22 @@ from tensorboardX.proto import summary_pb2
 
 
 class Writer:
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  """Appends to a workdir's metrics; on resume at `resume_step`, first drops what was logged after it.
+
+  Steps after the last checkpoint are trained again on resume, so their old rows (and TensorBoard
+  events) are superseded: without the cut a notebook would see them twice.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      truncate_jsonl(path, resume_step)
+      self._jsonl = open(path, 'a')
       from tensorboardX import SummaryWriter  # pure Python; no TensorFlow
-      self._tb = SummaryWriter(workdir)
+      self._tb = SummaryWriter(workdir, purge_step=resume_step + 1)
 
   def scalars(self, step: int, scalars: dict):
     if not self.enabled:
@@ -56,6 +64,27 @@ class Writer:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Keeps the rows of `path` with step <= last_step (atomically: a crash keeps the old file)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line.rstrip('\n') + '\n' for line in lines if line.strip() and _row_step(line) <= last_step]
+  if kept == lines:
+    return
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(kept)
+  os.replace(path + '.tmp', path)
+
+
+def _row_step(line: str) -> float:
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+    return float('inf')
 
 
 class Progress:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from functools import partial
 
 import jax
@@ -36,13 +37,14 @@ class Model:
   step: int = 0
 
 
-@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction', 'min_t'))
+@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction'))
 def _sample_latents(params, graphdef, noise, tokens, mask, null_tokens, null_mask, guidance_scale,
-                    time_shift, *, num_steps: int, prediction: str, min_t: float):
+                    time_shift, *, num_steps: int, prediction: str):
   net = nnx.merge(graphdef, params)
 
   def velocity(x, t_b, cond):
-    return rf.to_velocity(net(x, t_b, *cond), x, t_b, prediction_type=prediction, min_t=min_t)
+    # The exact v = (x_t - x0) / t: the last Euler step then lands on x0.
+    return rf.to_velocity(net(x, t_b, *cond), x, t_b, prediction_type=prediction)
 
   fn = rf.guided(velocity, (tokens, mask), (null_tokens, null_mask), guidance_scale)
   return rf.sample(fn, noise, num_steps=num_steps, shift=time_shift)
@@ -61,11 +63,12 @@ def generate(model: Model, prompts: list[str], *, seed: int = 0, num_steps: int 
   null_tokens, null_mask = text.tokenize([''] * len(prompts), cfg.data.max_text_len)
   shape = model.autoencoder.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
   key = jax.random.key(seed)
-  noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, i), (*shape, model.autoencoder.channels))
-                     for i in range(len(prompts))])  # one noise per prompt, whatever the batch
+  # One noise per prompt index, so a prompt's video does not depend on the batch around it.
+  noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (*shape, model.autoencoder.channels)))(
+      jnp.arange(len(prompts)))
   latents = _sample_latents(model.params, model.graphdef, noise, tokens, mask, null_tokens, null_mask,
                             guidance_scale, time_shift, num_steps=num_steps,
-                            prediction=cfg.objective.prediction, min_t=cfg.objective.min_t)
+                            prediction=cfg.objective.prediction)
   return video.to_uint8(jax.device_get(model.autoencoder.decode(latents)))
 
 
@@ -120,9 +123,17 @@ def define_flags():
 
 
 def output_paths(out: str, count: int) -> list[str]:
+  """The video paths for `count` prompts, checked writable before any sampling is done."""
   root, suffix = os.path.splitext(out)
   if suffix.lower() not in video.SUFFIXES:
     raise UsageError(f'--out={out}: use a .mp4 or .gif file name')
+  directory = os.path.dirname(os.path.abspath(out))
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    raise UsageError(f'--out={out}: cannot write to {directory}: {e.strerror or e}') from None
   return [out] if count == 1 else [f'{root}_{i}{suffix}' for i in range(count)]
 
 

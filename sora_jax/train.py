@@ -8,7 +8,8 @@ This is the only module that reads the whole experiment config.
 import json
 import math
 import os
-import time
+import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +17,18 @@ import flax.linen as nn
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from flax import nnx
 
 from sora_jax import UsageError, checkpoint, metrics, optim, sample, sharding, video
 from sora_jax.data import pipeline
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.models import dit, text
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive non-finite steps: the run stops with its last good checkpoint."""
+
 
 # ------------------------------------------------------------------------------------------------
 # Config validation: before any compilation, one line naming the field.
@@ -30,9 +37,20 @@ from sora_jax.models import dit, text
 
 def validate_config(config, num_devices: int) -> dict[str, int]:
   """Raises UsageError for a bad config; returns the resolved mesh sizes."""
-  for field in ('total_steps', 'batch_size', 'log_every_steps', 'checkpoint_every_steps'):
-    if int(config[field]) <= 0:
-      raise UsageError(f'config.{field}={config[field]}: must be a positive integer')
+  for field in ('total_steps', 'batch_size', 'log_every_steps', 'checkpoint_every_steps',
+                'max_checkpoints_to_keep', 'max_consecutive_nonfinite', 'sample.num_steps',
+                'data.frames', 'data.height', 'data.width', 'data.num_train', 'data.max_text_len',
+                'model.width', 'model.depth', 'model.num_heads'):
+    value = _get(config, field)
+    if not isinstance(value, int) or value <= 0:
+      raise UsageError(f'config.{field}={value!r}: must be a positive integer')
+  for field, low, high in (('ema_decay', 0.0, 1.0), ('objective.caption_dropout', 0.0, 1.0),
+                           ('objective.high_noise_fraction', 0.0, 1.0)):
+    if not low <= _get(config, field) < high:
+      raise UsageError(f'config.{field}={_get(config, field)!r}: must be in [{low}, {high})')
+  if not config.optim.learning_rate > 0 or config.optim.warmup_steps < 0:
+    raise UsageError(f'config.optim: learning_rate={config.optim.learning_rate!r} must be positive and '
+                     f'warmup_steps={config.optim.warmup_steps!r} non-negative')
   try:
     sizes = sharding.mesh_shape(config.mesh, num_devices)
   except ValueError as e:
@@ -47,6 +65,8 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
     raise UsageError(f'config.batch_size={config.batch_size} is not divisible by the '
                      f'{jax.process_count()} processes')
   d, m = config.data, config.model
+  if len(m.patch) != 3:
+    raise UsageError(f'config.model.patch={tuple(m.patch)}: give (t, h, w) patch sizes')
   for name, size, p in zip(('frames', 'height', 'width'), (d.frames, d.height, d.width), m.patch):
     if p <= 0 or size % p:
       raise UsageError(f'config.model.patch={tuple(m.patch)} does not divide config.data.{name}={size}')
@@ -57,6 +77,12 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   if m.dtype not in ('float32', 'bfloat16'):
     raise UsageError(f'config.model.dtype={m.dtype!r}: use "float32" or "bfloat16"')
   return sizes
+
+
+def _get(config, dotted: str):
+  for name in dotted.split('.'):
+    config = config[name]
+  return config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +143,7 @@ def make_train_step(config, graphdef, tx, autoencoder):
     def loss_fn(params):
       net = nnx.merge(graphdef, params)
       apply = lambda x_t, t_b: net(x_t, t_b, tokens, mask)
-      loss, _ = rf.loss(apply, x0, noise, t, prediction_type=obj.prediction)
+      loss, _ = rf.loss(apply, x0, noise, t, prediction_type=obj.prediction, min_t=obj.min_t)
       return loss
 
     loss, grads = jax.value_and_grad(loss_fn)(state['params'])
@@ -125,8 +151,8 @@ def make_train_step(config, graphdef, tx, autoencoder):
     params = optax.apply_updates(state['params'], updates)
     ema = optim.ema_update(state['ema'], params, config.ema_decay, state['step'])
     grad_norm = optax.global_norm(grads)
-    # A non-finite loss or gradient skips the update: parameters, moments and EMA stay.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss, gradient or update skips the step: parameters, moments and EMA stay.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = dict(step=state['step'] + 1, params=keep(params, state['params']),
                      opt_state=keep(opt_state, state['opt_state']), ema=keep(ema, state['ema']))
@@ -160,11 +186,90 @@ def write_samples(config, graphdef, params, autoencoder, step: int, workdir: str
   return paths
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final state."""
+RUN_FILES = ('checkpoints', 'samples', 'metrics.jsonl', 'config.json')  # + TensorBoard events
+
+
+def prepare_workdir(workdir: str, overwrite: bool) -> None:
+  """Creates `workdir`; with `overwrite`, deletes what an earlier run wrote there (nothing else)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if overwrite and jax.process_index() == 0:
+      for name in os.listdir(workdir):
+        path = os.path.join(workdir, name)
+        if name in RUN_FILES or name.startswith('events.out.tfevents.'):
+          logging.warning('--overwrite: deleting %s', path)
+          shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UsageError(f'--workdir={workdir}: {e.strerror or e}') from None
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('prepare_workdir')
+
+
+def check_workdir(config, workdir: str, has_checkpoint: bool) -> None:
+  """Refuses to resume a run whose model, autoencoder or data differ from this config's."""
+  path = os.path.join(workdir, 'config.json')
+  if not has_checkpoint or not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(config.to_json_best_effort())
+  for section in ('model', 'autoencoder', 'data'):
+    for key in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
+      before, after = old.get(section, {}).get(key), new.get(section, {}).get(key)
+      if before != after and key not in ('data_dir', 'worker_count'):
+        raise UsageError(f'--workdir={workdir} holds a run with config.{section}.{key}={before!r}, '
+                         f'this config has {after!r}: use another workdir (or --overwrite)')
+
+
+class StopSignal:
+  """Turns SIGTERM/SIGINT into a request to checkpoint and exit after the current step.
+
+  Multi-process runs use JAX's preemption sync point instead, so every host stops at one step.
+  """
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+    if jax.process_count() == 1:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received:  # a second signal: stop now, the default way (a save in flight stays uncommitted)
+      self.restore()
+      signal.raise_signal(signum)
+      return
+    self.received = signal.Signals(signum).name
+    logging.warning('%s received: stopping after this step and its checkpoint (send it again to stop '
+                    'at once)', self.received)
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.received is not None
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final state.
+
+  Stops early, after a committed checkpoint, on SIGTERM/SIGINT (preemption) and raises after
+  `config.max_consecutive_nonfinite` skipped steps in a row. `overwrite` starts afresh instead.
+  """
   sizes = validate_config(config, jax.device_count())
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  prepare_workdir(workdir, overwrite)
+  mngr = checkpoint.manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
+  start_step = mngr.latest_step()
+  check_workdir(config, workdir, start_step is not None)
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -176,7 +281,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # --- Input. ---
   local_batch = config.batch_size // jax.process_count()
-  source = pipeline.data_source(config.data, 'train')
+  source = pipeline.SkipBadRecords(pipeline.data_source(config.data, 'train'), config.data.max_text_len,
+                                   name=f'config.data.name={config.data.name!r} (train)')
   data_iter = pipeline.make_iterator(source, local_batch_size=local_batch, seed=config.data.seed,
                                      max_text_len=config.data.max_text_len,
                                      process_index=jax.process_index(), process_count=jax.process_count(),
@@ -189,8 +295,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state['params']))
   logging.info('model: %.2fM parameters', num_params / 1e6)
 
-  mngr = checkpoint.manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
-  start_step = mngr.latest_step()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     if start_step is None:
       state = create_state(config, autoencoder.channels, tx, shardings)
@@ -206,33 +310,65 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       in_shardings=(shardings, batch_shardings),
                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
-    writer = metrics.Writer(workdir, enabled=is_main)
+    # --- The loop. ---
+    writer = metrics.Writer(workdir, enabled=is_main, resume_step=start_step)
     progress = metrics.Progress(config.total_steps, start_step)
-    pending = []  # device metrics since the last log: no host sync per step
+    lr_schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
+    stop = StopSignal()
+    pending = []  # device metrics not yet read: no host sync per step
+    window = []  # host metrics since the last log line
+    nonfinite_streak = 0
+    check_every = min(config.log_every_steps, config.max_consecutive_nonfinite)
     logging.info('training steps %d..%d, global batch %d', start_step, config.total_steps, config.batch_size)
-    for step in range(start_step, config.total_steps):
-      local = next(data_iter)
-      batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], local[k]) for k in batch_shardings}
-      state, step_metrics = step_fn(state, batch)
-      pending.append(step_metrics)
-      done = step + 1
-      if done % config.log_every_steps == 0 or done == config.total_steps:
-        means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-        means['train/skipped_nonfinite'] *= len(pending)  # a count, not a rate
-        means['train/learning_rate'] = float(optim.learning_rate_schedule(config.optim, config.total_steps)(done))
-        pending = []
-        rate = progress.report(done)
-        writer.scalars(done, {**means, **{f'perf/{k}': v for k, v in rate.items()}})
-        metrics.log_line(done, config.total_steps, {'loss': means['train/loss']}, rate)
-      if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
-        checkpoint.save(mngr, done, state, data_iter)
+    done = start_step
+    try:
+      for step in range(start_step, config.total_steps):
+        local = next(data_iter)
+        batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], local[k]) for k in batch_shardings}
+        state, step_metrics = step_fn(state, batch)
+        pending.append(step_metrics)
+        done = step + 1
+        is_log_step = done % config.log_every_steps == 0 or done == config.total_steps
+        if is_log_step or done % check_every == 0:
+          for i, m in enumerate(jax.device_get(pending), start=done - len(pending) + 1):
+            nonfinite_streak = nonfinite_streak + 1 if m['train/skipped_nonfinite'] else 0
+            window.append(m)
+            if nonfinite_streak == config.max_consecutive_nonfinite:
+              mngr.wait_until_finished()
+              raise NonFiniteError(
+                  f'{nonfinite_streak} consecutive non-finite steps up to step {i} '
+                  f'(config.max_consecutive_nonfinite={config.max_consecutive_nonfinite}); parameters were '
+                  f'not updated by them, the last checkpoint (step {mngr.latest_step()}) holds the last good state')
+          pending = []
+        if is_log_step:
+          means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+          means['train/skipped_nonfinite'] *= len(window)  # a count, not a rate
+          means['train/learning_rate'] = float(lr_schedule(done))
+          means['data/skipped_records'] = source.skipped  # this process, since its start
+          window = []
+          rate = progress.report(done)
+          writer.scalars(done, {**means, **{f'perf/{k}': v for k, v in rate.items()}})
+          shown = {'loss': means['train/loss']}
+          for key in ('train/skipped_nonfinite', 'data/skipped_records'):
+            if means[key]:
+              shown[key.split('/')[1]] = means[key]
+          metrics.log_line(done, config.total_steps, shown, rate)
+        preempted = stop.should_stop(done)
+        if done % config.checkpoint_every_steps == 0 or done == config.total_steps or preempted:
+          checkpoint.save(mngr, done, state, data_iter)
+        if preempted:
+          mngr.wait_until_finished()
+          logging.info('stopped by %s at step %d; checkpoint committed, resume with the same command',
+                       stop.received or 'preemption', done)
+          return state
 
-    mngr.wait_until_finished()
-    final_step = int(jax.device_get(state['step']))
-    if config.sample.prompts:
-      paths = write_samples(config, graphdef, state['ema'], autoencoder, final_step, workdir, writer)
-      if paths:
-        logging.info('samples written to %s', os.path.dirname(paths[0]))
-  writer.close()
-  mngr.close()
+      if config.sample.prompts and not stop.received:
+        paths = write_samples(config, graphdef, state['ema'], autoencoder, done, workdir, writer)
+        if paths:
+          logging.info('samples written to %s', os.path.dirname(paths[0]))
+    finally:
+      stop.restore()
+      mngr.wait_until_finished()  # never leave an async save half-written
+      mngr.close()
+      writer.close()
   return state

@@ -52,3 +52,24 @@ def test_a_mistyped_config_field_is_rejected(tmp_path):
   result = run('sora_jax.main', '--config=configs/shapes.py:tiny', f'--workdir={tmp_path}',
                '--config.totl_steps=3')
   assert result.returncode != 0 and 'totl_steps' in result.stderr
+
+
+def test_a_mistyped_config_field_or_file_is_one_line_without_traceback(tmp_path):
+  for flag, expected in (('--config.model.dept=3', '''unknown config field 'dept' (did you mean "depth"?)'''),
+                         ('--config=configs/nope.py', 'No such file'),
+                         ('--config=configs/shapes.py:huge', "unknown variant 'huge'")):
+    args = ['--config=configs/shapes.py:tiny', f'--workdir={tmp_path}', flag]
+    result = run('sora_jax.main', *(args[1:] if flag.startswith('--config=') else args))
+    assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    (line,) = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+    assert expected in line
+  assert not os.listdir(tmp_path)  # nothing was started
+
+
+def test_sampling_to_an_unwritable_path_fails_before_sampling(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  result = run('sora_jax.sample', f'--workdir={tmp_path}', '--prompt=a red circle moving right',
+               f'--out={blocker}/red.mp4')
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert f'error: --out={blocker}/red.mp4: cannot write' in result.stderr

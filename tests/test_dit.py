@@ -23,7 +23,7 @@ def test_output_has_the_input_shape():
   assert model(*inputs()).shape == (2, 4, 8, 8, 3)
 
 
-def test_adaln_zero_blocks_start_as_identity_and_the_model_outputs_zero():
+def test_adaln_zero_gates_start_closed_and_the_model_outputs_zero():
   model = small_dit()
   x_bsd = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 32)), jnp.float32)
   c_bd = jnp.ones((2, 32))
@@ -31,8 +31,14 @@ def test_adaln_zero_blocks_start_as_identity_and_the_model_outputs_zero():
   tokens, mask = text.tokenize(['a blue square', 'x'], 16)
   text_bld, text_mask = model.encode_text(tokens, mask)
   for block in model.blocks:
+    # The adaLN-Zero branches (self-attention, MLP) add nothing; only the cross-attention acts.
+    cross = block.cross_attn(block.cross_norm(x_bsd), context_bld=text_bld, mask_bl=text_mask)
+    assert float(jnp.abs(cross).max()) > 1e-3
+    np.testing.assert_allclose(block(x_bsd, c_bd, pos, text_bld, text_mask), x_bsd + cross, atol=1e-5)
+    block.cross_attn.wo.value = jnp.zeros_like(block.cross_attn.wo.value)
+    block.cross_attn.bo.value = jnp.zeros_like(block.cross_attn.bo.value)
     np.testing.assert_allclose(block(x_bsd, c_bd, pos, text_bld, text_mask), x_bsd, atol=1e-6)
-  np.testing.assert_array_equal(model(*inputs()), 0.0)
+  np.testing.assert_array_equal(model(*inputs()), 0.0)  # the final layer is zero-initialised
 
 
 def test_every_parameter_has_one_logical_axis_name_per_dimension():

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from sora_jax.data import pipeline, shapes
 from sora_jax.eval import adherence
@@ -67,3 +68,54 @@ def test_processes_read_disjoint_halves_of_each_global_batch(data_dir):
     batch = next(it)['video']
     seen.append({clip.tobytes() for clip in batch})
   assert not seen[0] & seen[1]
+
+
+class BrokenSource:
+  """A source whose records 3 and 7 fail to read and record 5 has a malformed video."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    if i in (3, 7):
+      raise OSError(f'corrupt record {i}')
+    record = dict(self.source[i])
+    if i == 5:
+      record['video'] = np.zeros((2, 2), np.float32)
+    return record
+
+
+def test_broken_records_are_skipped_and_counted_not_fatal(data_dir):
+  import ml_collections
+  c = ml_collections.ConfigDict(dict(name='shapes', data_dir=data_dir, frames=8, height=32, width=32,
+                                     object_size=12, num_train=64, num_validation=8, seed=0))
+  source = BrokenSource(pipeline.data_source(c, 'train'))
+  it = pipeline.make_iterator(source, local_batch_size=16, seed=0, max_text_len=40)
+  batches = [next(it) for _ in range(8)]  # two epochs
+  assert all(b['video'].shape == (16, 8, 32, 32, 3) for b in batches)
+  good = {source.source[i]['video'].tobytes() for i in range(64) if i not in (3, 5, 7)}
+  seen = {v.tobytes() for b in batches for v in b['video']}
+  assert seen <= good and len(seen) == 61
+
+
+
+class UndecodableSource:
+  """64 records, none of which has a video."""
+
+  def __len__(self):
+    return 64
+
+  def __getitem__(self, i):
+    return {'caption': b'a red circle moving left'}
+
+
+def test_a_dataset_with_no_usable_record_is_a_clear_error_not_a_hang():
+  from sora_jax import UsageError
+  it = pipeline.make_iterator(UndecodableSource(), local_batch_size=4, seed=0, max_text_len=40)
+  with pytest.raises(UsageError, match=r'has no usable record: the last \d+ read all failed'):
+    next(it)
+  with pytest.raises(UsageError, match='has no records'):
+    pipeline.make_iterator([], local_batch_size=4, seed=0, max_text_len=40)

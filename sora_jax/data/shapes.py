@@ -15,6 +15,8 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sora_jax import UsageError
+
 COLORS = {
     'red': (255, 0, 0),
     'green': (0, 255, 0),
@@ -120,7 +122,7 @@ def make_config(**kwargs) -> ShapesConfig:
             if f.name in ('frames', 'height', 'width', 'object_size', 'num_train', 'num_validation', 'seed')}
   fields.update(kwargs)
   if fields['object_size'] > min(fields['height'], fields['width']):
-    raise ValueError(f"data.object_size={fields['object_size']} does not fit in a "
+    raise UsageError(f"config.data.object_size={fields['object_size']} does not fit in a "
                      f"{fields['height']}x{fields['width']} frame")
   name = 'f{frames}_h{height}_w{width}_o{object_size}_n{num_train}_v{num_validation}_s{seed}'.format(**fields)
   return ShapesConfig(name=name, **fields)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sora_jax.models import layers
-from sora_jax.models.axes import constrain
+from sora_jax.models.axes import constrain, param
 from sora_jax.models.text import ByteTextEncoder
 
 # ----------------------------------------------------------------------------------------------
@@ -50,6 +50,21 @@ def grid_positions(grid: tuple[int, int, int]):
   return jnp.stack([tt, hh, ww], axis=-1).reshape(-1, 3).astype(jnp.int32)
 
 
+def sincos_position_embedding(pos_bsa, dim: int, max_period: float = 10000.0):
+  """Fixed absolute position features [b, s, dim]: sin/cos of each position axis in its own block.
+
+  RoPE only tells attention about offsets. From pure noise (t near 1) the network must still place
+  the object and its motion in absolute coordinates, which this gives it directly.
+  """
+  dims = layers.rope_dims(dim, pos_bsa.shape[-1])
+  feats = []
+  for axis, d in enumerate(dims):
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(d // 2, dtype=jnp.float32) / (d // 2))
+    angle = pos_bsa[..., axis:axis + 1].astype(jnp.float32) * freqs
+    feats += [jnp.sin(angle), jnp.cos(angle)]
+  return jnp.concatenate(feats, axis=-1)
+
+
 def timestep_embedding(t_b, dim: int, max_period: float = 10000.0):
   """Sinusoidal features [b, dim] of t in [0, 1] (scaled by 1000 as in DiT)."""
   half = dim // 2
@@ -66,8 +81,7 @@ def timestep_embedding(t_b, dim: int, max_period: float = 10000.0):
 class DiTBlock(nnx.Module):
   """Self-attention (3D RoPE) and MLP modulated by adaLN-Zero; cross-attention to text in between.
 
-  At initialisation the modulation and the cross-attention output are zero, so the block is the
-  identity: a deep stack starts as a shallow one.
+  At initialisation the adaLN gates are zero, so the self-attention and MLP branches add nothing.
   """
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, text_dim: int, rngs: nnx.Rngs,
@@ -75,7 +89,9 @@ class DiTBlock(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, implementation=attention_impl)
     self.self_attn = layers.Attention(dim, num_heads, **kw)
     self.cross_norm = layers.RMSNorm(dim, 'embed', rngs=rngs)
-    self.cross_attn = layers.Attention(dim, num_heads, context_dim=text_dim, zero_out=True, **kw)
+    # Not zero-initialised: a zero output projection starves queries and keys of gradient, and
+    # cross-attention then never learns to look past what the pooled caption already gives.
+    self.cross_attn = layers.Attention(dim, num_heads, context_dim=text_dim, **kw)
     self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
     self.modulation = layers.Dense(dim, 6 * dim, ('embed', 'mlp'), rngs=rngs, zero=True, dtype=dtype)
 
@@ -113,11 +129,13 @@ class DiT(nnx.Module):
 
   def __init__(self, *, channels: int, patch: tuple[int, int, int], width: int, depth: int,
                num_heads: int, mlp_ratio: float = 4.0, text_width: int = 128, text_depth: int = 2,
-               text_heads: int = 4, pooled_text: bool = True, rope_theta: float = 10000.0,
+               text_heads: int = 4, pooled_text: bool = True, absolute_positions: bool = True,
+               rope_theta: float = 10000.0,
                dtype=jnp.float32, attention_impl: str | None = None, rngs: nnx.Rngs):
     self.patch = tuple(patch)
     self.channels = channels
     self.pooled_text = pooled_text
+    self.absolute_positions = absolute_positions
     self.rope_theta = rope_theta
     patch_values = math.prod(self.patch) * channels
     self.text_encoder = ByteTextEncoder(text_width, text_depth, text_heads, rngs=rngs, dtype=dtype)
@@ -125,6 +143,11 @@ class DiT(nnx.Module):
     self.time_mlp1 = layers.Dense(256, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
     self.time_mlp2 = layers.Dense(width, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
     self.text_proj = layers.Dense(text_width, width, ('text_embed', 'embed'), rngs=rngs, dtype=dtype)
+    if pooled_text:  # attention pooling: learned queries pick the words that matter
+      self.pool_query = param(rngs, layers.init_normal(0.02), (1, width), ('pos', 'embed'))
+      self.pool_attn = layers.Attention(width, num_heads, rngs=rngs, dtype=dtype,
+                                        implementation=attention_impl)
+      self.pool_mlp = layers.Mlp(width, width, rngs=rngs, dtype=dtype)
     self.blocks = nnx.List([
         DiTBlock(width, num_heads, mlp_ratio, text_dim=width, rngs=rngs, dtype=dtype,
                  attention_impl=attention_impl) for _ in range(depth)])
@@ -139,12 +162,15 @@ class DiT(nnx.Module):
     grid = (T // self.patch[0], H // self.patch[1], W // self.patch[2])
     pos_bs3 = jnp.broadcast_to(grid_positions(grid)[None], (b, math.prod(grid), 3))
     x_bsd = self.patch_embed(patchify(x_bthwc, self.patch))
+    if self.absolute_positions:
+      x_bsd = x_bsd + sincos_position_embedding(pos_bs3, x_bsd.shape[-1]).astype(x_bsd.dtype)
     x_bsd = constrain(x_bsd, ('act_batch', 'act_seq', 'act_embed'))
     text_bld, text_mask_bl = self.encode_text(tokens_bl, token_mask_bl)
     c_bd = self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t_b, 256))))
-    if self.pooled_text:  # a global summary of the caption helps adaLN steer colour and shape
-      weights = text_mask_bl[..., None].astype(text_bld.dtype)
-      c_bd = c_bd + (text_bld * weights).sum(1) / weights.sum(1)
+    if self.pooled_text:  # a summary of the caption in the adaLN condition steers every token
+      query_b1d = jnp.broadcast_to(self.pool_query[None], (b, 1, self.pool_query.shape[-1]))
+      pooled_b1d = self.pool_attn(query_b1d, context_bld=text_bld, mask_bl=text_mask_bl)
+      c_bd = c_bd + self.pool_mlp(pooled_b1d)[:, 0]
     for block in self.blocks:
       x_bsd = block(x_bsd, c_bd, pos_bs3, text_bld, text_mask_bl)
     out_bsp = self.final(x_bsd, c_bd)
@@ -157,5 +183,30 @@ def from_config(model_config, channels: int, rngs: nnx.Rngs) -> DiT:
              depth=model_config.depth, num_heads=model_config.num_heads,
              mlp_ratio=model_config.mlp_ratio, text_width=model_config.text_width,
              text_depth=model_config.text_depth, text_heads=model_config.text_heads,
-             pooled_text=model_config.pooled_text, rope_theta=model_config.rope_theta,
+             pooled_text=model_config.pooled_text, absolute_positions=model_config.absolute_positions,
+             rope_theta=model_config.rope_theta,
              dtype=jnp.dtype(model_config.dtype), attention_impl=model_config.attention_impl, rngs=rngs)
+
+
+def forward_flops_per_sample(model_config, latent_thw: tuple[int, int, int], channels: int,
+                             text_len: int) -> int:
+  """Matmul FLOPs (2 per multiply-add, attention included) of one forward pass for one sample.
+
+  Elementwise work (norms, RoPE, softmax, GELU) is left out, as in MFU conventions; a train
+  step costs 3x this (the backward pass is two matmuls per forward matmul).
+  """
+  m = model_config
+  s = math.prod(n // p for n, p in zip(latent_thw, m.patch))  # spacetime tokens
+  l, d, e, f = text_len, m.width, m.text_width, int(m.width * m.mlp_ratio)
+  values = math.prod(m.patch) * channels
+
+  def attention(queries, keys, dim, context_dim):  # projections + scores + weighted values
+    return 2 * (queries * dim * dim * 2 + keys * context_dim * dim * 2) + 4 * queries * keys * dim
+
+  text = m.text_depth * (attention(l, l, e, e) + 2 * 2 * l * e * 4 * e) + 2 * l * e * d
+  cond = 2 * 256 * d + 2 * d * d
+  if m.pooled_text:
+    cond += attention(1, l, d, d) + 2 * 2 * d * d
+  block = 2 * d * 6 * d + attention(s, s, d, d) + attention(s, l, d, d) + 2 * 2 * s * d * f
+  final = 2 * d * 2 * d + 2 * s * d * values
+  return 2 * s * values * d + text + cond + m.depth * block + final
