@@ -70,3 +70,22 @@ def test_tokenize_pads_truncates_and_starts_with_bos():
   assert tokens[0].tolist() == [text.BOS_ID, ord('a') + 2, ord('b') + 2, 0, 0, 0]
   assert mask[1].tolist() == [True] + [False] * 5  # the null caption keeps its BOS key
   assert mask[2].all()
+
+
+def test_analytic_forward_flops_match_xla_cost_analysis_within_10_percent():
+  import sys, os
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import shapes as shapes_config
+  config = shapes_config.get_config()
+  model = dit.from_config(config.model, 3, nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  d = config.data
+  x = jax.ShapeDtypeStruct((1, d.frames, d.height, d.width, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((1, d.max_text_len), jnp.int32)
+  mask = jax.ShapeDtypeStruct((1, d.max_text_len), jnp.bool_)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  forward = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))
+  cost = forward.lower(params, x, t, tokens, mask).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  analytic = dit.forward_flops_per_sample(config.model, (d.frames, d.height, d.width), 3, d.max_text_len)
+  assert 0.9 < analytic / cost['flops'] < 1.1, (analytic, cost['flops'])
