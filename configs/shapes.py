@@ -1,10 +1,14 @@
 r"""Text-to-video DiT on the embedded `shapes` world (8 x 32 x 32 clips, pixel space).
 
-Train (about 16 minutes on a 2-core CPU), then sample:
+Train (18.7 minutes on a 2-core CPU, dataset build included: 2.1 steps/s), then sample:
 
   python -m sora_jax.main --config=configs/shapes.py --workdir=runs/shapes
   python -m sora_jax.sample --workdir=runs/shapes --prompt="a red circle moving right" --out=red.mp4
-  python experiments/eval_shapes.py --workdir=runs/shapes
+  python experiments/eval_shapes.py --workdir=runs/shapes --seeds=4
+
+Expected adherence (analytic judge, 84 captions x 4 seeds, measured November 2026): color 1.00,
+direction 0.99, shape 0.84. Squares are the weak spot: the deterministic flow (stochasticity=0)
+leaves ragged edges that the judge reads as circles (shape 0.69); guidance 3 rounds them (0.65).
 
 Variants: `configs/shapes.py:tiny` is a seconds-long smoke run (tests use it).
 Any field can be overridden, e.g. `--config.model.depth=6 --config.total_steps=5000`.
@@ -42,13 +46,14 @@ PROMPTS = (
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.total_steps = 2400
+  config.total_steps = 2200
   config.batch_size = 32  # global, over all devices and processes
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
   config.max_checkpoints_to_keep = 3
   config.ema_decay = 0.998
   config.max_consecutive_nonfinite = 20  # skipped (NaN/Inf) steps in a row before the run stops
+  config.grad_accum_steps = 1  # micro-batches per step (the same update, less activation memory)
 
   config.data = dict(
       name='shapes',
@@ -69,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       rope_theta=10000.0,
       dtype='float32',  # compute dtype; parameters stay float32
       attention_impl='xla',  # or 'cudnn' on GPU
+      remat='none',  # per block: 'none', 'full' (keep inputs only) or 'dots' (keep matmul outputs)
   )
   config.objective = dict(
       prediction='x0',  # the network predicts x0; the loss is on the velocity (x_t - x0) / t,
@@ -83,7 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       b1=0.9, b2=0.99, weight_decay=0.0, grad_clip_norm=1.0,
   )
   config.sample = dict(
-      num_steps=32, guidance_scale=3.0, time_shift=1.0, fps=8,
+      num_steps=32, guidance_scale=2.0, time_shift=1.0, fps=8,  # guidance 3+ rounds square corners
+      stochasticity=0.5,  # fresh noise per step: lets late steps clean up ragged edges (0: the ODE)
       prompts=PROMPTS,  # written to WORKDIR/samples/ at the end of training
   )
   config.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)  # -1: the remaining devices

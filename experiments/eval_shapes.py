@@ -4,7 +4,7 @@ r"""Prompt adherence of a `shapes` model: color, direction and shape accuracy in
 
 Samples every caption (7 colors x 3 shapes x 4 directions = 84) once per seed with the EMA
 parameters and judges each video analytically (`sora_jax.eval.adherence`). Seeds start at 1000,
-away from the seed of the training-time samples. `--ground_truth` scores validation clips
+away from the seed of the training-time samples (`--first_seed`). `--ground_truth` scores validation clips
 instead, which checks the judge itself (it should print 1.0 everywhere).
 """
 
@@ -23,9 +23,11 @@ from sora_jax.eval import adherence
 flags.DEFINE_string('workdir', None, 'Training workdir.')
 flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest).')
 flags.DEFINE_integer('seeds', 1, 'Samples per caption.')
+flags.DEFINE_integer('first_seed', 1000, 'Noise seeds are first_seed, first_seed + 1, ...')
 flags.DEFINE_integer('batch', 42, 'Prompts per sampling call.')
 flags.DEFINE_float('guidance_scale', None, 'Guidance scale (default: config).')
 flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
+flags.DEFINE_float('stochasticity', None, 'Share of fresh noise per sampling step (default: config).')
 flags.DEFINE_float('time_shift', None, 'Sampling time shift; < 1 spends more steps near the clean end '
                    '(default: config).')
 flags.DEFINE_string('out_dir', None, 'If set, also write every sample here as a GIF.')
@@ -53,19 +55,21 @@ def main(argv):
       prompts = [source[i]['caption'].decode() for i in range(len(source))]
     else:
       prompts, videos = [], []
-      for seed in range(1000, 1000 + FLAGS.seeds):
+      for seed in range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.seeds):
         captions = all_captions()
         for i in range(0, len(captions), FLAGS.batch):
           chunk = captions[i:i + FLAGS.batch]
           videos.extend(sample.generate(model, chunk, seed=seed * 100 + i, num_steps=FLAGS.steps,
-                                        guidance_scale=FLAGS.guidance_scale, time_shift=FLAGS.time_shift))
+                                        guidance_scale=FLAGS.guidance_scale, time_shift=FLAGS.time_shift,
+                                        stochasticity=FLAGS.stochasticity))
           prompts.extend(chunk)
     if FLAGS.out_dir:
       for i, (p, v) in enumerate(zip(prompts, videos)):
         video.write(os.path.join(FLAGS.out_dir, f'{i:04d}_{p.replace(" ", "_")}.gif'), v)
     result = adherence.score(videos, prompts)
     result.update(workdir=FLAGS.workdir, step=model.step, seconds=round(time.time() - start, 1),
-                  guidance_scale=FLAGS.guidance_scale, steps=FLAGS.steps, time_shift=FLAGS.time_shift)
+                  guidance_scale=FLAGS.guidance_scale, steps=FLAGS.steps, time_shift=FLAGS.time_shift,
+                  stochasticity=FLAGS.stochasticity)
     print(json.dumps(result))
   except UsageError as e:
     sys.exit(f'error: {e}')

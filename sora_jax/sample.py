@@ -37,9 +37,9 @@ class Model:
   step: int = 0
 
 
-@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction'))
+@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction', 'stochasticity'))
 def _sample_latents(params, graphdef, noise, tokens, mask, null_tokens, null_mask, guidance_scale,
-                    time_shift, *, num_steps: int, prediction: str):
+                    time_shift, rng_b, *, num_steps: int, prediction: str, stochasticity: float):
   net = nnx.merge(graphdef, params)
 
   def velocity(x, t_b, cond):
@@ -47,28 +47,34 @@ def _sample_latents(params, graphdef, noise, tokens, mask, null_tokens, null_mas
     return rf.to_velocity(net(x, t_b, *cond), x, t_b, prediction_type=prediction)
 
   fn = rf.guided(velocity, (tokens, mask), (null_tokens, null_mask), guidance_scale)
-  return rf.sample(fn, noise, num_steps=num_steps, shift=time_shift)
+  return rf.sample(fn, noise, num_steps=num_steps, shift=time_shift, stochasticity=stochasticity, rng_b=rng_b)
 
 
 def generate(model: Model, prompts: list[str], *, seed: int = 0, num_steps: int | None = None,
-             guidance_scale: float | None = None, time_shift: float | None = None) -> np.ndarray:
+             guidance_scale: float | None = None, time_shift: float | None = None,
+             stochasticity: float | None = None) -> np.ndarray:
   """uint8 videos [len(prompts), T, H, W, 3]; unset options come from `config.sample`."""
   cfg = model.config
   num_steps = num_steps or cfg.sample.num_steps
   guidance_scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
   time_shift = cfg.sample.time_shift if time_shift is None else time_shift
+  if stochasticity is None:
+    stochasticity = cfg.sample.get('stochasticity', 0.0)  # workdirs from before the option: 0
   if num_steps < 1:
     raise UsageError(f'steps={num_steps}: need at least one sampling step')
+  if not 0 <= stochasticity <= 1:
+    raise UsageError(f'stochasticity={stochasticity}: use a value in [0, 1]')
   tokens, mask = text.tokenize(list(prompts), cfg.data.max_text_len)
   null_tokens, null_mask = text.tokenize([''] * len(prompts), cfg.data.max_text_len)
   shape = model.autoencoder.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
-  key = jax.random.key(seed)
+  key, sde_key = jax.random.split(jax.random.key(seed))
   # One noise per prompt index, so a prompt's video does not depend on the batch around it.
   noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (*shape, model.autoencoder.channels)))(
       jnp.arange(len(prompts)))
+  rng_b = jax.vmap(lambda i: jax.random.fold_in(sde_key, i))(jnp.arange(len(prompts)))
   latents = _sample_latents(model.params, model.graphdef, noise, tokens, mask, null_tokens, null_mask,
-                            guidance_scale, time_shift, num_steps=num_steps,
-                            prediction=cfg.objective.prediction)
+                            guidance_scale, time_shift, rng_b, num_steps=num_steps,
+                            prediction=cfg.objective.prediction, stochasticity=float(stochasticity))
   return video.to_uint8(jax.device_get(model.autoencoder.decode(latents)))
 
 
@@ -116,7 +122,9 @@ def define_flags():
   flags.DEFINE_string('out', 'sample.mp4', 'Output .mp4 or .gif; with several prompts, _0, _1, ... '
                       'are inserted before the suffix.')
   flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance scale (default: config).')
-  flags.DEFINE_integer('steps', None, 'Euler steps (default: config).')
+  flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
+  flags.DEFINE_float('stochasticity', None, 'Share of fresh noise per step, 0 (deterministic flow) to 1 '
+                     '(default: config).')
   flags.DEFINE_integer('seed', 0, 'Noise seed.')
   flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step to use (default: latest).')
   flags.DEFINE_integer('upscale', 1, 'Repeat pixels this many times in the written video.')
@@ -145,7 +153,7 @@ def main(argv):
     paths = output_paths(FLAGS.out, len(FLAGS.prompt))
     model = load(FLAGS.workdir, FLAGS.checkpoint_step)
     videos = generate(model, FLAGS.prompt, seed=FLAGS.seed, num_steps=FLAGS.steps,
-                      guidance_scale=FLAGS.guidance_scale)
+                      guidance_scale=FLAGS.guidance_scale, stochasticity=FLAGS.stochasticity)
     for prompt, path, v in zip(FLAGS.prompt, paths, videos):
       try:
         video.write(path, v, fps=model.config.sample.fps, upscale=FLAGS.upscale)

@@ -24,6 +24,7 @@ from sora_jax import UsageError, checkpoint, metrics, optim, sample, sharding, v
 from sora_jax.data import pipeline
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.models import dit, text
+from sora_jax.models.axes import constrain
 
 
 class NonFiniteError(RuntimeError):
@@ -44,10 +45,10 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
     value = _get(config, field)
     if not isinstance(value, int) or value <= 0:
       raise UsageError(f'config.{field}={value!r}: must be a positive integer')
-  for field, low, high in (('ema_decay', 0.0, 1.0), ('objective.caption_dropout', 0.0, 1.0),
-                           ('objective.high_noise_fraction', 0.0, 1.0)):
-    if not low <= _get(config, field) < high:
-      raise UsageError(f'config.{field}={_get(config, field)!r}: must be in [{low}, {high})')
+  for field in ('ema_decay', 'objective.caption_dropout', 'objective.high_noise_fraction',
+                'sample.stochasticity'):
+    if not 0 <= _get(config, field) <= 1:
+      raise UsageError(f'config.{field}={_get(config, field)!r}: must be in [0, 1]')
   if not config.optim.learning_rate > 0 or config.optim.warmup_steps < 0:
     raise UsageError(f'config.optim: learning_rate={config.optim.learning_rate!r} must be positive and '
                      f'warmup_steps={config.optim.warmup_steps!r} non-negative')
@@ -74,6 +75,13 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
     raise UsageError(f'config.model.width={m.width} is not divisible by config.model.num_heads={m.num_heads}')
   if config.objective.prediction not in ('x0', 'velocity'):
     raise UsageError(f'config.objective.prediction={config.objective.prediction!r}: use "x0" or "velocity"')
+  if m.remat not in dit.REMAT_POLICIES:
+    raise UsageError(f'config.model.remat={m.remat!r}: use one of {tuple(dit.REMAT_POLICIES)}')
+  accum = config.grad_accum_steps
+  if not isinstance(accum, int) or accum <= 0 or config.batch_size % (accum * dp):
+    raise UsageError(f'config.grad_accum_steps={accum!r}: must be a positive integer dividing '
+                     f'config.batch_size={config.batch_size} into micro-batches divisible by the '
+                     f'data-parallel size {dp}')
   if m.dtype not in ('float32', 'bfloat16'):
     raise UsageError(f'config.model.dtype={m.dtype!r}: use "float32" or "bfloat16"')
   return sizes
@@ -124,9 +132,42 @@ def create_state(config, channels: int, tx, shardings):
 # ------------------------------------------------------------------------------------------------
 
 
+def make_loss_and_grads(config, graphdef):
+  """(params, x0, noise, t, tokens, mask) -> (mean loss, grads), in `config.grad_accum_steps` micro-batches.
+
+  Micro-batch i takes samples i, i + m, i + 2m, ... so that every data-parallel shard feeds every
+  micro-batch; equal sizes make the mean of micro-batch means the full-batch mean.
+  """
+  obj, accum = config.objective, config.grad_accum_steps
+
+  def loss_fn(params, x0, noise, t, tokens, mask):
+    net = nnx.merge(graphdef, params)
+    apply = lambda x_t, t_b: net(x_t, t_b, tokens, mask)
+    return rf.loss(apply, x0, noise, t, prediction_type=obj.prediction, min_t=obj.min_t)[0]
+
+  def loss_and_grads(params, *batch):
+    if accum == 1:
+      return jax.value_and_grad(loss_fn)(params, *batch)
+
+    def split(x):  # [b, ...] -> [accum, b / accum, ...]
+      x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+      return constrain(x, (None, 'act_batch') + (None,) * (x.ndim - 2))
+
+    def add_micro_batch(carry, micro):
+      loss, grads = jax.value_and_grad(loss_fn)(params, *micro)
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(add_micro_batch, zeros, tuple(split(x) for x in batch))
+    return jax.tree.map(lambda x: x / accum, total)
+
+  return loss_and_grads
+
+
 def make_train_step(config, graphdef, tx, autoencoder):
   obj = config.objective
   null_tokens, null_mask = text.tokenize([''], config.data.max_text_len)
+  loss_and_grads = make_loss_and_grads(config, graphdef)
 
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.key(config.seed), state['step'])  # no RNG state to save
@@ -139,14 +180,7 @@ def make_train_step(config, graphdef, tx, autoencoder):
     noise = jax.random.normal(r_noise, x0.shape)
     t = rf.sample_time(r_time, b, mean=obj.time_mean, std=obj.time_std, shift=obj.time_shift,
                        high_noise_fraction=obj.high_noise_fraction, high_noise_min=obj.high_noise_min)
-
-    def loss_fn(params):
-      net = nnx.merge(graphdef, params)
-      apply = lambda x_t, t_b: net(x_t, t_b, tokens, mask)
-      loss, _ = rf.loss(apply, x0, noise, t, prediction_type=obj.prediction, min_t=obj.min_t)
-      return loss
-
-    loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+    loss, grads = loss_and_grads(state['params'], x0, noise, t, tokens, mask)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     ema = optim.ema_update(state['ema'], params, config.ema_decay, state['step'])
@@ -209,6 +243,10 @@ def prepare_workdir(workdir: str, overwrite: bool) -> None:
     multihost_utils.sync_global_devices('prepare_workdir')
 
 
+# Fields that change neither the parameters nor the data: a run may resume with other values.
+RESUMABLE_CHANGES = ('data_dir', 'worker_count', 'remat', 'attention_impl', 'dtype')
+
+
 def check_workdir(config, workdir: str, has_checkpoint: bool) -> None:
   """Refuses to resume a run whose model, autoencoder or data differ from this config's."""
   path = os.path.join(workdir, 'config.json')
@@ -220,7 +258,7 @@ def check_workdir(config, workdir: str, has_checkpoint: bool) -> None:
   for section in ('model', 'autoencoder', 'data'):
     for key in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
       before, after = old.get(section, {}).get(key), new.get(section, {}).get(key)
-      if before != after and key not in ('data_dir', 'worker_count'):
+      if before != after and key not in RESUMABLE_CHANGES:
         raise UsageError(f'--workdir={workdir} holds a run with config.{section}.{key}={before!r}, '
                          f'this config has {after!r}: use another workdir (or --overwrite)')
 

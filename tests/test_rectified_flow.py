@@ -60,3 +60,34 @@ def test_timesteps_are_in_range_and_the_high_noise_share_is_respected():
   assert 0.35 < float(jnp.mean(t > 0.8)) < 0.43
   shifted = rf.sample_time(jax.random.key(0), 20000, shift=3.0)
   assert float(jnp.mean(shifted)) > float(jnp.mean(rf.sample_time(jax.random.key(0), 20000))) + 0.1
+
+
+def test_stochastic_sampler_is_euler_at_zero_and_still_reaches_a_point_target():
+  target = jnp.array([[1.5, -2.0, 0.25], [0.0, 1.0, -1.0]])
+  velocity = lambda x, t_b: (x - target) / t_b[:, None]
+  noise = jax.random.normal(jax.random.key(0), (2, 3))
+  keys = jax.random.split(jax.random.key(1), 2)
+  euler = rf.sample(velocity, noise, num_steps=7, shift=3.0)
+  np.testing.assert_allclose(rf.sample(velocity, noise, num_steps=7, shift=3.0, stochasticity=0.0, rng_b=keys),
+                             euler)
+  # Fresh noise changes the path but not where the exact flow ends.
+  for eta in (0.5, 1.0):
+    np.testing.assert_allclose(rf.sample(velocity, noise, num_steps=7, stochasticity=eta, rng_b=keys), target,
+                               atol=1e-5)
+  with pytest.raises(ValueError, match='rng_b'):
+    rf.sample(velocity, noise, num_steps=7, stochasticity=0.5)
+
+
+def test_stochastic_sampler_still_samples_both_modes_of_a_two_point_mixture():
+  points = jnp.array([-1.0, 2.0])
+
+  def velocity(x, t_b):
+    t = t_b[:, None]
+    w = jax.nn.softmax(-((x - (1 - t) * points[None]) ** 2) / (2 * t**2), axis=-1)
+    return (x - (w * points[None]).sum(-1, keepdims=True)) / t
+
+  noise = jax.random.normal(jax.random.key(0), (256, 1))
+  keys = jax.random.split(jax.random.key(1), 256)
+  out = np.asarray(rf.sample(velocity, noise, num_steps=100, stochasticity=0.5, rng_b=keys))
+  assert np.all(np.min(np.abs(out - np.array([-1.0, 2.0])), axis=1) < 0.05)
+  assert 0.3 < np.mean(out > 0.5) < 0.7

@@ -68,19 +68,32 @@ def loss(apply_fn: Callable, x0, noise, t_b, *, prediction_type: str, min_t: flo
   return jnp.mean(per_sample), per_sample
 
 
-def sample(velocity_fn: Callable, noise, *, num_steps: int, shift: float = 1.0, t_start: float = 1.0):
-  """Euler integration of dx/dt = v from t_start to 0 as one `lax.scan`.
+def sample(velocity_fn: Callable, noise, *, num_steps: int, shift: float = 1.0, t_start: float = 1.0,
+           stochasticity: float = 0.0, rng_b=None):
+  """Integrates dx/dt = v from t_start to 0 as one `lax.scan`; velocity_fn(x_t, t_b) -> v.
 
-  velocity_fn(x_t, t_b) -> v. With t_start < 1, `noise` must already be x at t_start (SDEdit).
+  Each step splits x_t into its clean estimate x0 = x - t v and noise estimate e = x + (1 - t) v
+  and moves to x_next = (1 - t_next) x0 + t_next e': with `stochasticity` eta = 0 that is the Euler
+  step (e' = e); with eta > 0, e' = sqrt(1 - eta^2) e + eta z mixes in fresh noise z, which lets
+  later steps correct what earlier ones got wrong (ragged edges the deterministic flow keeps).
+  rng_b: one key per sample [b] (needed for eta > 0), so a sample's noise ignores its batch.
+  With t_start < 1, `noise` must already be x at t_start (SDEdit).
   """
   ts = shift_time(jnp.linspace(t_start, 0.0, num_steps + 1), shift)
+  if stochasticity and rng_b is None:
+    raise ValueError('stochastic sampling needs rng_b, one key per sample')
 
-  def step(x, t_pair):
-    t_now, t_next = t_pair
+  def step(x, inputs):
+    i, t_now, t_next = inputs
     v = velocity_fn(x, jnp.full((x.shape[0],), t_now))
-    return x + (t_next - t_now) * v, None
+    if not stochasticity:
+      return x + (t_next - t_now) * v, None
+    x0, e = x - t_now * v, x + (1 - t_now) * v
+    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], x.dtype))(rng_b)
+    e = jnp.sqrt(1 - stochasticity**2) * e + stochasticity * z
+    return (1 - t_next) * x0 + t_next * e, None
 
-  x, _ = jax.lax.scan(step, noise, (ts[:-1], ts[1:]))
+  x, _ = jax.lax.scan(step, noise, (jnp.arange(num_steps), ts[:-1], ts[1:]))
   return x
 
 

@@ -119,6 +119,14 @@ class FinalLayer(nnx.Module):
 # The model.
 # ----------------------------------------------------------------------------------------------
 
+# What the backward pass may keep of each block's forward (config.model.remat); the rest is recomputed.
+REMAT_POLICIES = {
+    'none': None,  # keep everything: fastest, most memory
+    'full': jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projection and MLP outputs
+}
+
+
 
 class DiT(nnx.Module):
   """Text-conditioned DiT; owns the built-in text encoder so both train together.
@@ -130,13 +138,16 @@ class DiT(nnx.Module):
   def __init__(self, *, channels: int, patch: tuple[int, int, int], width: int, depth: int,
                num_heads: int, mlp_ratio: float = 4.0, text_width: int = 128, text_depth: int = 2,
                text_heads: int = 4, pooled_text: bool = True, absolute_positions: bool = True,
-               rope_theta: float = 10000.0,
+               rope_theta: float = 10000.0, remat: str = 'none',
                dtype=jnp.float32, attention_impl: str | None = None, rngs: nnx.Rngs):
     self.patch = tuple(patch)
     self.channels = channels
     self.pooled_text = pooled_text
     self.absolute_positions = absolute_positions
     self.rope_theta = rope_theta
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={remat!r}: use one of {tuple(REMAT_POLICIES)}')
+    self.remat = remat
     patch_values = math.prod(self.patch) * channels
     self.text_encoder = ByteTextEncoder(text_width, text_depth, text_heads, rngs=rngs, dtype=dtype)
     self.patch_embed = layers.Dense(patch_values, width, ('patch', 'embed'), rngs=rngs, dtype=dtype)
@@ -171,8 +182,11 @@ class DiT(nnx.Module):
       query_b1d = jnp.broadcast_to(self.pool_query[None], (b, 1, self.pool_query.shape[-1]))
       pooled_b1d = self.pool_attn(query_b1d, context_bld=text_bld, mask_bl=text_mask_bl)
       c_bd = c_bd + self.pool_mlp(pooled_b1d)[:, 0]
+    apply = lambda block, *args: block(*args)
+    if self.remat != 'none':
+      apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
     for block in self.blocks:
-      x_bsd = block(x_bsd, c_bd, pos_bs3, text_bld, text_mask_bl)
+      x_bsd = apply(block, x_bsd, c_bd, pos_bs3, text_bld, text_mask_bl)
     out_bsp = self.final(x_bsd, c_bd)
     return unpatchify(out_bsp, self.patch, grid, c).astype(jnp.float32)
 
@@ -184,7 +198,7 @@ def from_config(model_config, channels: int, rngs: nnx.Rngs) -> DiT:
              mlp_ratio=model_config.mlp_ratio, text_width=model_config.text_width,
              text_depth=model_config.text_depth, text_heads=model_config.text_heads,
              pooled_text=model_config.pooled_text, absolute_positions=model_config.absolute_positions,
-             rope_theta=model_config.rope_theta,
+             rope_theta=model_config.rope_theta, remat=model_config.get('remat', 'none'),
              dtype=jnp.dtype(model_config.dtype), attention_impl=model_config.attention_impl, rngs=rngs)
 
 
