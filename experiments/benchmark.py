@@ -2,6 +2,7 @@ r"""Times the real jitted train step and reports model FLOPs utilisation against
 
   python experiments/benchmark.py --config=configs/shapes.py [--config.model.dtype=bfloat16]
   python experiments/benchmark.py --config=configs/shapes.py --analyze_only   # no allocation
+  python experiments/benchmark.py --config=configs/shapes.py --sweep_frames=8,16,32,64
 
 The step is `train.make_train_step` jitted with the trainer's shardings and donation, on a
 random batch of the config's shape. FLOPs are counted analytically (`dit.forward_flops_per_sample`:
@@ -30,6 +31,7 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 flags.DEFINE_integer('steps', 10, 'Timed steps.')
 flags.DEFINE_bool('analyze_only', False, 'Parameters, FLOPs and compiled memory; nothing allocated.')
+flags.DEFINE_list('sweep_frames', None, 'Clip lengths to measure in turn (one JSON line each), e.g. 8,16,32.')
 FLAGS = flags.FLAGS
 
 
@@ -59,13 +61,9 @@ def random_batch(config, shardings):
   return {k: jax.device_put(v, shardings[k]) for k, v in local.items()}
 
 
-def main(argv):
-  del argv
-  config = FLAGS.config
-  try:
-    train.validate_config(config, jax.device_count())
-  except UsageError as e:
-    sys.exit(f'error: {e}')
+def measure(config, analyze_only: bool) -> dict:
+  """Compiles (and unless analyze_only, times) the train step of `config`; returns the figures."""
+  train.validate_config(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_tuple(config.sharding_rules)
   tx = optim.make_optimizer(config.optim, config.total_steps)
@@ -112,13 +110,12 @@ def main(argv):
           temp=memory.temp_size_in_bytes, aliased=memory.alias_size_in_bytes,
           total=memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
           - memory.alias_size_in_bytes)
-    if FLAGS.analyze_only:
-      print(json.dumps(result))
-      return
+    if analyze_only:
+      return result
 
     state = train.create_state(config, autoencoder.channels, tx, shardings)
     batch = random_batch(config, batch_shardings)
-    for _ in range(FLAGS.warmup):
+    for _ in range(max(FLAGS.warmup, 1)):
       state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)
     logging.info('timing %d steps', FLAGS.steps)
@@ -135,7 +132,24 @@ def main(argv):
                 achieved_flops_per_s=model_flops / step_time, peak_flops_per_s=peak,
                 mfu=model_flops / step_time / peak,
                 peak_bytes_in_use=stats.get('peak_bytes_in_use'))
-  print(json.dumps(result))
+  return result
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  try:
+    if not FLAGS.sweep_frames:
+      print(json.dumps(measure(config, FLAGS.analyze_only)))
+      return
+    for frames in FLAGS.sweep_frames:  # the sequence grows with the clip length
+      config.data.frames = int(frames)
+      result = measure(config, FLAGS.analyze_only)
+      logging.info('frames %s: %s tokens/sample, %s', frames, result['tokens_per_step'] // config.batch_size,
+                   {k: result.get(k) for k in ('step_time_s', 'mfu')})
+      print(json.dumps(dict(result, frames=int(frames))))
+  except UsageError as e:
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -157,8 +157,8 @@ class DiT(nnx.Module):
     if pooled_text:  # attention pooling: learned queries pick the words that matter
       self.pool_query = param(rngs, layers.init_normal(0.02), (1, width), ('pos', 'embed'))
       self.pool_attn = layers.Attention(width, num_heads, rngs=rngs, dtype=dtype,
-                                        implementation=attention_impl)
-      self.pool_mlp = layers.Mlp(width, width, rngs=rngs, dtype=dtype)
+                                        implementation=attention_impl, query_axis=None)
+      self.pool_mlp = layers.Mlp(width, width, rngs=rngs, dtype=dtype, token_axis=None)
     self.blocks = nnx.List([
         DiTBlock(width, num_heads, mlp_ratio, text_dim=width, rngs=rngs, dtype=dtype,
                  attention_impl=attention_impl) for _ in range(depth)])

@@ -95,11 +95,13 @@ class Attention(nnx.Module):
 
   `zero_out=True` zero-initialises the output projection so the residual branch starts at 0.
   `implementation` is passed to `jax.nn.dot_product_attention` (None/'xla' or 'cudnn').
+  `query_axis` names the logical axis of the queries: 'act_seq' (spacetime tokens, sharded for
+  sequence parallelism), 'act_text' (text tokens) or None (a few pooling queries).
   """
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, context_dim: int | None = None,
                qk_norm: bool = True, zero_out: bool = False, dtype=jnp.float32,
-               implementation: str | None = None):
+               implementation: str | None = None, query_axis: str | None = 'act_seq'):
     if dim % num_heads:
       raise ValueError(f'width {dim} is not divisible by {num_heads} heads')
     k = dim // num_heads
@@ -114,6 +116,7 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(k, rngs=rngs) if qk_norm else None
     self.dtype = dtype
     self.implementation = None if implementation in (None, 'xla') else implementation
+    self.query_axis = query_axis
 
   def __call__(self, x_bsd, *, context_bld=None, mask_bl=None, pos_bsa=None):
     """mask_bl: [b, l] True where a key is real; pos_bsa: positions for RoPE (self-attention)."""
@@ -126,18 +129,22 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     if pos_bsa is not None:
       q, k = apply_rope(q, pos_bsa), apply_rope(k, pos_bsa)
-    q = constrain(q, ('act_batch', 'act_seq', 'act_heads', None))
+    q = constrain(q, ('act_batch', self.query_axis, 'act_heads', None))
     mask = None if mask_bl is None else mask_bl[:, None, None, :]  # [b, 1(n), 1(s), l]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
     return jnp.einsum('bsnk,nkd->bsd', out, self.wo.astype(dt)) + self.bo.astype(dt)
 
 
 class Mlp(nnx.Module):
-  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  """Two dense layers with GELU; `token_axis` as `Attention.query_axis`."""
+
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               token_axis: str | None = 'act_seq'):
     self.fc1 = Dense(dim, hidden, ('embed', 'mlp'), rngs=rngs, dtype=dtype)
     self.fc2 = Dense(hidden, dim, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
+    self.token_axis = token_axis
 
   def __call__(self, x_bsd):
     h = jax.nn.gelu(self.fc1(x_bsd), approximate=True)
-    h = constrain(h, ('act_batch', 'act_seq', 'act_mlp'))
+    h = constrain(h, ('act_batch', self.token_axis, 'act_mlp'))
     return self.fc2(h)

@@ -31,9 +31,9 @@ def tokenize(texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
 class TextBlock(nnx.Module):
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.norm1 = layers.RMSNorm(dim, 'text_embed', rngs=rngs)
-    self.attn = layers.Attention(dim, num_heads, rngs=rngs, dtype=dtype)
+    self.attn = layers.Attention(dim, num_heads, rngs=rngs, dtype=dtype, query_axis='act_text')
     self.norm2 = layers.RMSNorm(dim, 'text_embed', rngs=rngs)
-    self.mlp = layers.Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype)
+    self.mlp = layers.Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype, token_axis='act_text')
 
   def __call__(self, x_bld, mask_bl, pos_bl1):
     x_bld = x_bld + self.attn(self.norm1(x_bld), mask_bl=mask_bl, pos_bsa=pos_bl1)
