@@ -3,3 +3,15 @@
 
 class UsageError(ValueError):
   """Bad user input (config, flags, paths): reported as one line, without a traceback."""
+
+
+def ensure_writable_dir(directory: str, flag: str) -> None:
+  """Creates `directory` and writes a probe file there; a UsageError naming `flag` if either fails."""
+  import os
+  import tempfile
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    raise UsageError(f'{flag}: cannot write to {directory}: {e.strerror or e}') from None

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from functools import partial
 
 import jax
@@ -21,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from sora_jax import UsageError, checkpoint, sharding, video
+from sora_jax import UsageError, checkpoint, ensure_writable_dir, sharding, video
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.models import autoencoder as autoencoder_lib
 from sora_jax.models import dit, text
@@ -135,13 +134,7 @@ def output_paths(out: str, count: int) -> list[str]:
   root, suffix = os.path.splitext(out)
   if suffix.lower() not in video.SUFFIXES:
     raise UsageError(f'--out={out}: use a .mp4 or .gif file name')
-  directory = os.path.dirname(os.path.abspath(out))
-  try:
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory):
-      pass
-  except OSError as e:
-    raise UsageError(f'--out={out}: cannot write to {directory}: {e.strerror or e}') from None
+  ensure_writable_dir(os.path.dirname(os.path.abspath(out)), f'--out={out}')
   return [out] if count == 1 else [f'{root}_{i}{suffix}' for i in range(count)]
 
 

@@ -20,7 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from flax import nnx
 
-from sora_jax import UsageError, checkpoint, metrics, optim, sample, sharding, video
+from sora_jax import UsageError, checkpoint, ensure_writable_dir, metrics, optim, sample, sharding, video
 from sora_jax.data import pipeline
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.models import dit, text
@@ -225,20 +225,13 @@ RUN_FILES = ('checkpoints', 'samples', 'metrics.jsonl', 'config.json')  # + Tens
 
 def prepare_workdir(workdir: str, overwrite: bool) -> None:
   """Creates `workdir`; with `overwrite`, deletes what an earlier run wrote there (nothing else)."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    if overwrite and jax.process_index() == 0:
-      for name in os.listdir(workdir):
-        path = os.path.join(workdir, name)
-        if name in RUN_FILES or name.startswith('events.out.tfevents.'):
-          logging.warning('--overwrite: deleting %s', path)
-          shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
-    with open(probe, 'w'):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise UsageError(f'--workdir={workdir}: {e.strerror or e}') from None
+  ensure_writable_dir(workdir, f'--workdir={workdir}')
+  if overwrite and jax.process_index() == 0:
+    for name in os.listdir(workdir):
+      path = os.path.join(workdir, name)
+      if name in RUN_FILES or name.startswith('events.out.tfevents.'):
+        logging.warning('--overwrite: deleting %s', path)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('prepare_workdir')
 
