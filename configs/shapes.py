@@ -10,11 +10,15 @@ Expected adherence (analytic judge, 84 captions x 4 seeds, measured November 202
 direction 0.99, shape 0.84. Squares are the weak spot: the deterministic flow (stochasticity=0)
 leaves ragged edges that the judge reads as circles (shape 0.69); guidance 3 rounds them (0.65).
 
-Variants: `configs/shapes.py:tiny` is a seconds-long smoke run (tests use it).
+Variants (comma-separated after the colon): `tiny`, a seconds-long smoke run (tests use it);
+`mesh=dp|fsdp|fsdp_tp|fsdp_tp_sp`, a named mesh (`sora_jax.sharding.MESH_PRESETS`; default dp),
+e.g. `--config=configs/shapes.py:tiny,mesh=fsdp_tp`.
 Any field can be overridden, e.g. `--config.model.depth=6 --config.total_steps=5000`.
 """
 
 import ml_collections
+
+from sora_jax import sharding
 
 # Logical axis -> mesh axes. With mesh sizes of 1 an axis is simply unused, so one rule set
 # serves pure data parallelism, FSDP and tensor parallelism; the mesh sizes choose.
@@ -44,6 +48,11 @@ PROMPTS = (
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  options = dict(item.partition('=')[::2] for item in (arg or '').split(',') if item)
+  unknown = set(options) - {'tiny', 'mesh'}
+  if unknown or options.get('mesh', 'dp') not in sharding.MESH_PRESETS:
+    raise ValueError(f'configs/shapes.py: unknown variant {arg!r}; expected "tiny" and/or "mesh=NAME" '
+                     f'with NAME in {sorted(sharding.MESH_PRESETS)}')
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.total_steps = 2200
@@ -93,10 +102,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       stochasticity=0.5,  # fresh noise per step: lets late steps clean up ragged edges (0: the ODE)
       prompts=PROMPTS,  # written to WORKDIR/samples/ at the end of training
   )
-  config.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)  # -1: the remaining devices
+  config.mesh = sharding.MESH_PRESETS[options.get('mesh', 'dp')]  # sizes; -1: the remaining devices
   config.sharding_rules = SHARDING_RULES
 
-  if arg == 'tiny':  # seconds on a CPU: smoke tests and debugging
+  if 'tiny' in options:  # seconds on a CPU: smoke tests and debugging
     config.total_steps = 4
     config.batch_size = 8
     config.log_every_steps = 2
@@ -105,6 +114,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.update(width=32, depth=1, num_heads=2, text_width=32, text_depth=1, text_heads=2)
     config.sample.num_steps = 2
     config.sample.prompts = PROMPTS[:2]
-  elif arg:
-    raise ValueError(f'configs/shapes.py: unknown variant {arg!r}; expected "tiny" or nothing')
   return config

@@ -18,6 +18,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'sequence')
 
+# Named meshes for the usual layouts (configs pick one with `:mesh=NAME`); -1 takes the rest.
+MESH_PRESETS = {
+    'dp': dict(data=-1, fsdp=1, tensor=1, sequence=1),  # replicated parameters, split batch
+    'fsdp': dict(data=1, fsdp=-1, tensor=1, sequence=1),  # parameters, moments, EMA sharded too
+    'fsdp_tp': dict(data=1, fsdp=-1, tensor=2, sequence=1),  # + heads and MLP split in two
+    'fsdp_tp_sp': dict(data=1, fsdp=-1, tensor=2, sequence=2),  # + spacetime tokens split in two
+}
+
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   """Resolves -1 and checks that the sizes multiply to `num_devices` (error names the field)."""

@@ -78,13 +78,15 @@ def test_sharded_step_on_data_fsdp_tensor_mesh_matches_one_device(tiny_config, a
   assert sharded['ema']['blocks'][0]['mlp']['fc1']['kernel'].sharding.spec == P('fsdp', 'tensor')
 
 
-def test_sequence_parallel_step_matches_one_device(tiny_config):
-  """Spacetime tokens sharded over 'sequence' (XLA gathers keys and values for attention)."""
+@pytest.mark.parametrize('mesh', ['dp', 'fsdp', 'fsdp_tp', 'fsdp_tp_sp', 'data=2,sequence=4'])
+def test_every_mesh_preset_and_sequence_parallelism_match_one_device(tiny_config, mesh):
+  """Spacetime tokens sharded over 'sequence' too (XLA gathers keys and values for attention)."""
   config = tiny_config
   config.model.update(width=32, num_heads=4, text_heads=2)
   batch = fixed_batch(config)
   single, losses1 = run_steps(config, jax.devices()[:1], batch, 2)
-  config.mesh.update(data=2, fsdp=1, tensor=1, sequence=4)
+  sizes = sharding.MESH_PRESETS.get(mesh) or dict(data=2, fsdp=1, tensor=1, sequence=4)
+  config.mesh.update(sizes)
   sharded, losses8 = run_steps(config, jax.devices()[:8], batch, 2)
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
