@@ -189,3 +189,15 @@ def test_remat_and_gradient_accumulation_give_the_plain_gradients(tiny_config):
     loss_b, grads_b = loss_and_grads()
     np.testing.assert_allclose(loss_b, loss, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_b, grads)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_a_close_loss(tiny_config):
+  config = tiny_config
+  batch = fixed_batch(config)
+  _, losses32 = run_steps(config, jax.devices()[:1], batch, 2)
+  config.model.dtype = 'bfloat16'
+  state, losses16 = run_steps(config, jax.devices()[:1], batch, 2)
+  assert losses16 != losses32  # bfloat16 really computed
+  np.testing.assert_allclose(losses16, losses32, rtol=2e-2)
+  assert {x.dtype for x in jax.tree.leaves(state['params'])} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(state['opt_state'])} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
