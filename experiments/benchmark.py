@@ -52,6 +52,16 @@ def matmul_peak_flops(dtype, devices) -> float:
   return 2 * n**3 * len(devices) / best
 
 
+def max_bytes_per_device(abstract_tree) -> int:
+  """Bytes that the most loaded device holds of a tree of sharded ShapeDtypeStructs."""
+  per_device = {}
+  for x in jax.tree.leaves(abstract_tree):
+    nbytes = math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    for device in x.sharding.device_set:
+      per_device[device] = per_device.get(device, 0) + nbytes
+  return max(per_device.values(), default=0)
+
+
 def random_batch(config, shardings):
   rng = np.random.default_rng(0)
   d = config.data
@@ -103,6 +113,9 @@ def measure(config, analyze_only: bool) -> dict:
       # The compiled SPMD program is one device's share; XLA also counts elementwise work.
       result['xla_flops_per_step'] = float(cost['flops']) * jax.device_count()
       result['analytic_over_xla'] = model_flops / result['xla_flops_per_step']
+    # The state's share of the most loaded device, by item: what FSDP/tensor sharding buys.
+    result['state_bytes_per_device'] = {
+        item: max_bytes_per_device(abstract_state[item]) for item in ('params', 'opt_state', 'ema')}
     memory = compiled.memory_analysis()
     if memory is not None:
       result['compiled_bytes_per_device'] = dict(

@@ -23,3 +23,20 @@ def test_benchmark_prints_step_time_flops_and_mfu_of_the_real_step():
     assert r['tokens_per_s'] == r['tokens_per_step'] / r['step_time_s']
   assert long['tokens_per_step'] == 2 * short['tokens_per_step']
   assert long['forward_flops_per_sample'] > 2 * short['forward_flops_per_sample'] * 0.9
+
+
+def test_analyze_only_shows_fsdp_dividing_the_state_per_device_without_allocating():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  plans = {}
+  for mesh in ('dp', 'fsdp'):
+    result = subprocess.run(
+        [sys.executable, 'experiments/benchmark.py', f'--config=configs/shapes.py:mesh={mesh}',
+         '--analyze_only'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plans[mesh] = json.loads(result.stdout.splitlines()[-1])
+  dp, fsdp = plans['dp']['state_bytes_per_device'], plans['fsdp']['state_bytes_per_device']
+  assert dp['params'] == dp['ema'] == plans['dp']['num_params'] * 4  # replicated float32
+  assert dp['opt_state'] > 2 * dp['params']  # two Adam moments
+  for item in ('params', 'opt_state', 'ema'):
+    assert fsdp[item] < 0.3 * dp[item]  # 4-way FSDP (tiny norms and biases stay replicated)
+  assert 'step_time_s' not in plans['fsdp']
