@@ -119,7 +119,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(data_dir, tmp_path)
   result = subprocess.run(cmd[:-3] + [f'--config.total_steps={steps[-1] + 2}', '--config.sample.num_steps=1'],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert f'resuming from' in result.stderr and f'at step {steps[-1]}' in result.stderr
+  assert 'resuming from' in result.stderr and f'at step {steps[-1]}' in result.stderr
 
 
 def test_a_checkpoint_from_8_devices_restores_onto_4_and_1_and_back(tiny_config, tmp_path):
