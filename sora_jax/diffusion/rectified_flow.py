@@ -37,12 +37,12 @@ def interpolate(x0, noise, t_b):
   return (1 - t) * x0 + t * noise
 
 
-def to_velocity(prediction, x_t, t_b, *, prediction_type: str, min_t: float = 0.0):
-  """The velocity implied by the network output ('velocity' or 'x0'); t is floored at min_t."""
+def to_velocity(prediction, x_t, t_b, *, prediction_type: str):
+  """The velocity implied by the network output ('velocity' or 'x0'): v = (x_t - x0) / t."""
   if prediction_type == 'velocity':
     return prediction
   if prediction_type == 'x0':
-    t = jnp.maximum(t_b, max(min_t, 1e-6)).reshape((-1,) + (1,) * (x_t.ndim - 1))
+    t = jnp.maximum(t_b, 1e-6).reshape((-1,) + (1,) * (x_t.ndim - 1))  # t = 0 is never sampled
     return (x_t - prediction) / t
   raise ValueError(f'unknown prediction type {prediction_type!r}; expected velocity or x0')
 
