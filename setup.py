@@ -25,5 +25,8 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist'],
+        # libtpu: compile the real train step for a TPU slice ahead of time, on any machine
+        # (experiments/benchmark.py --analyze_only --topology=v5p:4x4x4)
+        'tpu': ['jax[tpu]'],
     },
 )

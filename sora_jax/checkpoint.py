@@ -1,16 +1,16 @@
-"""A thin Orbax CheckpointManager: train state, EMA parameters and the grain iterator state.
+"""A thin Orbax CheckpointManager: train state and EMA parameters.
 
 Items of one checkpoint step:
   'train_state': {'step', 'params', 'opt_state'}   restored to resume training
   'ema':         EMA parameters                    all that sampling needs
-  'data':        the grain iterator state of this process
-Writes go to a temporary directory that Orbax renames on commit, so a crash mid-save leaves the
-previous step as the latest.
+The data order is a function of the step (`sora_jax.data.pipeline`), so no iterator state is
+saved and a checkpoint resumes on any number of processes. In a multi-process run every process
+writes its own shards. Writes go to a temporary directory that Orbax renames on commit, so a crash
+mid-save leaves the previous step as the latest.
 """
 
 import os
 
-import grain
 import orbax.checkpoint as ocp
 
 
@@ -22,22 +22,19 @@ def manager(workdir: str, *, max_to_keep: int = 3, read_only: bool = False) -> o
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iter=None) -> bool:
-  """Starts an async save of the train state (+EMA, +iterator); returns whether one was started."""
+def save(mngr: ocp.CheckpointManager, step: int, state: dict) -> bool:
+  """Starts an async save of the train state and EMA; returns whether one was started."""
   items = dict(train_state=ocp.args.StandardSave({k: v for k, v in state.items() if k != 'ema'}),
                ema=ocp.args.StandardSave(state['ema']))
-  if data_iter is not None:
-    items['data'] = grain.checkpoint.CheckpointSave(data_iter)
   return mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, data_iter=None) -> dict:
-  """Restores the train state onto the shardings of `abstract_state` (ShapeDtypeStructs)."""
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict) -> dict:
+  """Restores the train state onto the shardings of `abstract_state` (ShapeDtypeStructs), which
+  may be another mesh or process count than the one that saved it."""
   abstract_train = {k: v for k, v in abstract_state.items() if k != 'ema'}
   items = dict(train_state=ocp.args.StandardRestore(abstract_train),
                ema=ocp.args.StandardRestore(abstract_state['ema']))
-  if data_iter is not None:
-    items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
   return dict(restored['train_state'], ema=restored['ema'])
 

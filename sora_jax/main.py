@@ -4,8 +4,17 @@ r"""Train a text-to-video model:
 
 Resumes from the latest checkpoint in --workdir; writes checkpoints/, metrics.jsonl, TensorBoard
 events, samples/ and config.json there.
+
+Multi-process (multi-host) runs start the same command once per process, with the same --workdir
+(a shared file system, or gs:// on TPU pods):
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I   explicit (any cluster; on
+      CPU the processes talk through gloo: see experiments/launch_local.py)
+  --distributed    let JAX discover the cluster: Cloud TPU VMs (run on every worker) and SLURM
+      (one task per node under srun); see experiments/launch/.
+Without these flags the run is one process over the local devices.
 """
 
+import os
 import re
 import sys
 
@@ -21,7 +30,32 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
 flags.DEFINE_bool('overwrite', False, 'Start afresh: delete the checkpoints, metrics and samples of an '
                   'earlier run in --workdir (by default a run resumes, and a different model is refused).')
+flags.DEFINE_bool('distributed', False, 'Multi-process run: call jax.distributed.initialize() and let JAX '
+                  'discover the processes (Cloud TPU VMs, SLURM); implied by --coordinator_address.')
+flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 in a multi-process run.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
+flags.DEFINE_integer('process_id', None, 'This process\'s index in [0, num_processes).')
+flags.DEFINE_integer('heartbeat_timeout_s', 100, 'Multi-process: a process silent this long counts as dead '
+                     'and the others stop with an error instead of waiting for it.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed():
+  """jax.distributed.initialize from the flags (before anything touches a device); no flags: nothing."""
+  explicit = dict(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                  process_id=FLAGS.process_id)
+  given = [name for name, value in explicit.items() if value is not None]
+  if not given and not FLAGS.distributed:
+    return
+  if FLAGS.coordinator_address and len(given) < 3:
+    missing = sorted(set(explicit) - set(given))
+    sys.exit(f'error: --coordinator_address needs --{" and --".join(missing)} too')
+  if FLAGS.num_processes is not None and FLAGS.process_id is not None \
+      and not 0 <= FLAGS.process_id < FLAGS.num_processes:
+    sys.exit(f'error: --process_id={FLAGS.process_id} is not in [0, --num_processes={FLAGS.num_processes})')
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU devices of several processes
+  jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None},
+                             heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s)
 
 
 def parse_flags(argv):
@@ -64,6 +98,7 @@ def main(argv):
   quiet_library_logs()
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
+  initialize_distributed()
   logging.info('JAX %s, process %d/%d, %d devices', jax.__version__, jax.process_index(),
                jax.process_count(), jax.device_count())
   try:
@@ -71,7 +106,23 @@ def main(argv):
   except (UsageError, train.NonFiniteError) as e:
     message = str(e).splitlines()[0]  # grain appends a note about its traceback filtering
     logging.error('%s', message)
-    sys.exit(f'error: {message}')
+    exit_now(f'error: {message}')
+  except Exception:  # noqa: BLE001 -- multi-process: see exit_now
+    if jax.process_count() == 1:
+      raise
+    logging.exception('process %d failed', jax.process_index())
+    exit_now('error: see the traceback above')
+
+
+def exit_now(message: str):
+  """Exits with code 1. A failed process of a multi-process run exits at once: JAX's shutdown would
+  wait (minutes) at a barrier for peers that may be blocked on this very process; the peers then
+  fail fast in their next collective or miss its heartbeat (--heartbeat_timeout_s)."""
+  if jax.process_count() == 1:
+    sys.exit(message)
+  print(message, file=sys.stderr, flush=True)
+  logging.flush()
+  os._exit(1)
 
 
 if __name__ == '__main__':

@@ -301,9 +301,10 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
   mngr = checkpoint.manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
   start_step = mngr.latest_step()
   check_workdir(config, workdir, start_step is not None)
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  if is_main:  # atomically: the other processes may be reading the previous one in check_workdir
+    with open(os.path.join(workdir, 'config.json.tmp'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(os.path.join(workdir, 'config.json.tmp'), os.path.join(workdir, 'config.json'))
 
   # --- Mesh. ---
   mesh = sharding.make_mesh(config.mesh)
@@ -311,13 +312,12 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
   logging.info('mesh %s over %d devices (%s)', sizes, jax.device_count(), jax.devices()[0].platform)
 
   # --- Input. ---
-  local_batch = config.batch_size // jax.process_count()
+  if jax.process_count() > 1:  # process 0 builds a missing dataset, the others then open it
+    if is_main:
+      pipeline.data_source(config.data, 'train')
+    multihost_utils.sync_global_devices('dataset ready')
   source = pipeline.SkipBadRecords(pipeline.data_source(config.data, 'train'), config.data.max_text_len,
                                    name=f'config.data.name={config.data.name!r} (train)')
-  data_iter = pipeline.make_iterator(source, local_batch_size=local_batch, seed=config.data.seed,
-                                     max_text_len=config.data.max_text_len,
-                                     process_index=jax.process_index(), process_count=jax.process_count(),
-                                     worker_count=config.data.worker_count)
 
   # --- Model, optimizer and sharded state. ---
   tx = optim.make_optimizer(config.optim, config.total_steps)
@@ -332,7 +332,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
       start_step = 0
     else:
       logging.info('resuming from %s at step %d', mngr.directory, start_step)
-      state = checkpoint.restore(mngr, start_step, abstract_state, data_iter)
+      state = checkpoint.restore(mngr, start_step, abstract_state)
 
     # --- The jitted step: state donated, shardings explicit. ---
     batch_shardings = {k: sharding.batch_sharding(mesh, nd, rules)
@@ -342,6 +342,10 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
     # --- The loop. ---
+    data_iter = pipeline.make_iterator(source, global_batch_size=config.batch_size, seed=config.data.seed,
+                                       max_text_len=config.data.max_text_len, start_step=start_step,
+                                       process_index=jax.process_index(), process_count=jax.process_count(),
+                                       worker_count=config.data.worker_count)
     writer = metrics.Writer(workdir, enabled=is_main, resume_step=start_step)
     progress = metrics.Progress(config.total_steps, start_step)
     lr_schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
@@ -386,7 +390,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
           metrics.log_line(done, config.total_steps, shown, rate)
         preempted = stop.should_stop(done)
         if done % config.checkpoint_every_steps == 0 or done == config.total_steps or preempted:
-          checkpoint.save(mngr, done, state, data_iter)
+          checkpoint.save(mngr, done, state)
         if preempted:
           mngr.wait_until_finished()
           logging.info('stopped by %s at step %d; checkpoint committed, resume with the same command',

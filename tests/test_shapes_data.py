@@ -40,34 +40,40 @@ def test_the_analytic_judge_agrees_with_the_labels_of_real_clips():
   assert result['all'] == 1.0
 
 
-def test_pipeline_batches_and_restores_its_position(data_dir):
-  c = dict(name='shapes', data_dir=data_dir, frames=8, height=32, width=32, object_size=12,
-           num_train=64, num_validation=8, seed=0)
-  import ml_collections
-  source = pipeline.data_source(ml_collections.ConfigDict(c), 'train')
-  it = pipeline.make_iterator(source, local_batch_size=4, seed=3, max_text_len=40)
-  first = next(it)
-  assert first['video'].shape == (4, 8, 32, 32, 3) and first['tokens'].shape == (4, 40)
-  state = it.get_state()
-  expected = [next(it)['video'] for _ in range(3)]
-  again = pipeline.make_iterator(source, local_batch_size=4, seed=3, max_text_len=40)
-  again.set_state(state)
-  for e in expected:
-    np.testing.assert_array_equal(next(again)['video'], e)
-
-
-def test_processes_read_disjoint_halves_of_each_global_batch(data_dir):
+def source_of(data_dir):
   import ml_collections
   c = ml_collections.ConfigDict(dict(name='shapes', data_dir=data_dir, frames=8, height=32, width=32,
                                      object_size=12, num_train=64, num_validation=8, seed=0))
-  source = pipeline.data_source(c, 'train')
-  seen = []
-  for p in range(2):
-    it = pipeline.make_iterator(source, local_batch_size=8, seed=3, max_text_len=40,
-                                process_index=p, process_count=2)
-    batch = next(it)['video']
-    seen.append({clip.tobytes() for clip in batch})
-  assert not seen[0] & seen[1]
+  return pipeline.data_source(c, 'train')
+
+
+def test_the_batch_of_a_step_is_a_function_of_seed_and_step_only(data_dir):
+  source = source_of(data_dir)
+  it = pipeline.make_iterator(source, global_batch_size=4, seed=3, max_text_len=40)
+  first = next(it)
+  assert first['video'].shape == (4, 8, 32, 32, 3) and first['tokens'].shape == (4, 40)
+  expected = [next(it)['video'] for _ in range(20)]  # steps 1..20: past the end of an epoch (16 steps)
+  resumed = pipeline.make_iterator(source, global_batch_size=4, seed=3, max_text_len=40, start_step=5)
+  for e in expected[4:]:
+    np.testing.assert_array_equal(next(resumed)['video'], e)
+  # every epoch is a fresh permutation of all 64 records
+  epoch = [first['video']] + expected[:15]
+  assert len({clip.tobytes() for batch in epoch for clip in batch}) == 64
+  assert not all((a == b).all() for a, b in zip(epoch, expected[15:16]))
+
+
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_processes_read_contiguous_shares_that_concatenate_to_the_one_process_batch(data_dir, process_count):
+  source = source_of(data_dir)
+  one = pipeline.make_iterator(source, global_batch_size=8, seed=3, max_text_len=40, start_step=6)
+  shares = [pipeline.make_iterator(source, global_batch_size=8, seed=3, max_text_len=40, start_step=6,
+                                   process_index=p, process_count=process_count) for p in range(process_count)]
+  for _ in range(3):
+    whole = next(one)
+    parts = [next(it) for it in shares]
+    assert parts[0]['video'].shape[0] == 8 // process_count
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), whole[key])
 
 
 class BrokenSource:
@@ -88,17 +94,16 @@ class BrokenSource:
     return record
 
 
-def test_broken_records_are_skipped_and_counted_not_fatal(data_dir):
-  import ml_collections
-  c = ml_collections.ConfigDict(dict(name='shapes', data_dir=data_dir, frames=8, height=32, width=32,
-                                     object_size=12, num_train=64, num_validation=8, seed=0))
-  source = BrokenSource(pipeline.data_source(c, 'train'))
-  it = pipeline.make_iterator(source, local_batch_size=16, seed=0, max_text_len=40)
+def test_broken_records_are_replaced_by_the_next_readable_one_and_counted(data_dir):
+  source = pipeline.SkipBadRecords(BrokenSource(source_of(data_dir)), max_text_len=40)
+  it = pipeline.make_iterator(source, global_batch_size=16, seed=0, max_text_len=40)
   batches = [next(it) for _ in range(8)]  # two epochs
   assert all(b['video'].shape == (16, 8, 32, 32, 3) for b in batches)
-  good = {source.source[i]['video'].tobytes() for i in range(64) if i not in (3, 5, 7)}
+  good = {source.source.source[i]['video'].tobytes() for i in range(64) if i not in (3, 5, 7)}
   seen = {v.tobytes() for b in batches for v in b['video']}
-  assert seen <= good and len(seen) == 61
+  assert seen == good
+  assert source.skipped >= 2 * 3  # each broken record, once per epoch (prefetch may read ahead)
+  np.testing.assert_array_equal(source[3]['video'], source[4]['video'])  # deterministic stand-in
 
 
 
@@ -114,8 +119,8 @@ class UndecodableSource:
 
 def test_a_dataset_with_no_usable_record_is_a_clear_error_not_a_hang():
   from sora_jax import UsageError
-  it = pipeline.make_iterator(UndecodableSource(), local_batch_size=4, seed=0, max_text_len=40)
-  with pytest.raises(UsageError, match=r'has no usable record: the last \d+ read all failed'):
+  it = pipeline.make_iterator(UndecodableSource(), global_batch_size=4, seed=0, max_text_len=40)
+  with pytest.raises(UsageError, match=r'has no usable record: all 64 failed to read'):
     next(it)
   with pytest.raises(UsageError, match='has no records'):
-    pipeline.make_iterator([], local_batch_size=4, seed=0, max_text_len=40)
+    pipeline.make_iterator([], global_batch_size=4, seed=0, max_text_len=40)

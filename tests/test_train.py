@@ -16,7 +16,7 @@ from sora_jax.data import pipeline
 
 def fixed_batch(config, count=8, seed=0):
   source = pipeline.data_source(config.data, 'train')
-  it = pipeline.make_iterator(source, local_batch_size=count, seed=seed, max_text_len=config.data.max_text_len)
+  it = pipeline.make_iterator(source, global_batch_size=count, seed=seed, max_text_len=config.data.max_text_len)
   return next(it)
 
 

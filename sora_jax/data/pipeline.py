@@ -1,9 +1,11 @@
 """Input pipeline: a TFDS data source read through grain into per-process batches.
 
-Each process reads only its own slice of every global batch (records i with
-i % process_count == process_index after a seeded global shuffle), batches it, and
-`train.py` assembles the global array with `jax.make_array_from_process_local_data`.
-The grain iterator is checkpointable: its state is saved with the train state.
+The data order is a pure function of the data seed and the step, whatever the process count:
+the global batch of step k is records [k * B, (k + 1) * B) of a seeded, per-epoch reshuffled
+stream, and process p of P reads and decodes only its contiguous share of it,
+[k * B + p * B / P, k * B + (p + 1) * B / P). `train.py` assembles the global array with
+`jax.make_array_from_process_local_data`, which puts process p's rows on its devices. So there
+is no iterator state to checkpoint: a run resumes at any step on any number of processes.
 """
 
 import threading
@@ -19,11 +21,11 @@ from sora_jax.models import text
 
 
 class SkipBadRecords:
-  """Wraps a random-access source: a record that fails to read or decode becomes None.
-
-  `make_iterator` filters the Nones out before batching, so shapes stay static; `skipped` counts
-  them (in this process) and the first few are logged with their index. A whole source's worth of
-  failures in a row means nothing is usable: that raises instead of spinning forever.
+  """Wraps a random-access source: a record that fails to read or decode is replaced by the next
+  readable one (index + 1, + 2, ...), so batches keep their shape and the data order stays a pure
+  function of the index. `skipped` counts the failures (in this process) and the first few are
+  logged with their index. A whole source's worth of failures means nothing is usable: that
+  raises instead of spinning forever.
   """
 
   def __init__(self, source, max_text_len: int, name: str = 'the dataset'):
@@ -33,29 +35,25 @@ class SkipBadRecords:
     self.max_text_len = max_text_len
     self.name = name
     self.skipped = 0
-    self._failed_in_a_row = 0
     self._lock = threading.Lock()  # grain reads records from several threads
 
   def __len__(self):
     return len(self.source)
 
   def __getitem__(self, index):
-    try:
-      example = to_example(self.source[index], self.max_text_len)
-    except Exception as e:  # noqa: BLE001 -- any broken record is skipped, never fatal
-      with self._lock:
-        self.skipped += 1
-        self._failed_in_a_row += 1
-        skipped, in_a_row = self.skipped, self._failed_in_a_row
-      if skipped <= 10:
-        logging.warning('%s: skipping record %d: %s: %s', self.name, index, type(e).__name__, e)
-      if in_a_row >= len(self.source):
-        raise UsageError(f'{self.name} has no usable record: the last {in_a_row} read all failed '
-                         f'(record {index}: {type(e).__name__}: {e})') from None
-      return None
-    with self._lock:
-      self._failed_in_a_row = 0
-    return example
+    for offset in range(len(self.source)):
+      i = (index + offset) % len(self.source)
+      try:
+        return to_example(self.source[i], self.max_text_len)
+      except Exception as e:  # noqa: BLE001 -- any broken record is skipped, never fatal
+        with self._lock:
+          self.skipped += 1
+          skipped = self.skipped
+        if skipped <= 10:
+          logging.warning('%s: skipping record %d: %s: %s', self.name, i, type(e).__name__, e)
+        error = e
+    raise UsageError(f'{self.name} has no usable record: all {len(self.source)} failed to read '
+                     f'(record {index}: {type(error).__name__}: {error})') from None
 
 
 def to_example(record, max_text_len: int) -> dict:
@@ -85,18 +83,22 @@ def data_source(data_config, split: str):
                           data_dir=builder.data_dir.rsplit('/shapes/', 1)[0])
 
 
-def make_iterator(source, *, local_batch_size: int, seed: int, max_text_len: int,
+def make_iterator(source, *, global_batch_size: int, seed: int, max_text_len: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1, worker_count: int = 0):
-  """An endless, shuffled, checkpointable iterator of this process's batches (numpy dicts).
+  """This process's batches for steps start_step, start_step + 1, ... (an endless iterator).
 
-  Records that fail to read or decode are skipped (see `SkipBadRecords`).
+  Each is `global_batch_size / process_count` examples (numpy dicts), this process's contiguous
+  share of the step's global batch; see the module docstring. Unreadable records are replaced
+  (see `SkipBadRecords`).
   """
+  if global_batch_size % process_count:
+    raise UsageError(f'config.batch_size={global_batch_size} does not split over {process_count} processes')
   if not isinstance(source, SkipBadRecords):
     source = SkipBadRecords(source, max_text_len)
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  ds = ds[process_index::process_count]
-  ds = ds.to_iter_dataset().filter(lambda example: example is not None)
-  ds = ds.batch(local_batch_size, drop_remainder=True)
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()  # reshuffled every epoch
+  ds = ds.batch(global_batch_size // process_count)  # [i * b, (i + 1) * b) of the stream
+  ds = ds[process_index::process_count][start_step:]  # step k: local batch k * P + p
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
   if worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(ds)
