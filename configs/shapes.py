@@ -83,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       rope_theta=10000.0,
       dtype='float32',  # compute dtype; parameters stay float32
       attention_impl='xla',  # or 'cudnn' on GPU
+      sequence_parallel='all_to_all',  # tokens sharded on mesh.sequence: or 'gather_kv', 'xla'
       remat='none',  # per block: 'none', 'full' (keep inputs only) or 'dots' (keep matmul outputs)
   )
   config.objective = dict(

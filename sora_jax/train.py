@@ -23,7 +23,7 @@ from flax import nnx
 from sora_jax import UsageError, checkpoint, ensure_writable_dir, metrics, optim, sample, sharding, video
 from sora_jax.data import pipeline
 from sora_jax.diffusion import rectified_flow as rf
-from sora_jax.models import dit, text
+from sora_jax.models import dit, layers, text
 from sora_jax.models.axes import constrain
 
 
@@ -84,6 +84,8 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
                      f'data-parallel size {dp}')
   if m.dtype not in ('float32', 'bfloat16'):
     raise UsageError(f'config.model.dtype={m.dtype!r}: use "float32" or "bfloat16"')
+  if m.get('sequence_parallel', 'all_to_all') not in layers.SEQUENCE_PARALLEL:
+    raise UsageError(f'config.model.sequence_parallel={m.sequence_parallel!r}: use one of {layers.SEQUENCE_PARALLEL}')
   return sizes
 
 
@@ -237,7 +239,7 @@ def prepare_workdir(workdir: str, overwrite: bool) -> None:
 
 
 # Fields that change neither the parameters nor the data: a run may resume with other values.
-RESUMABLE_CHANGES = ('data_dir', 'worker_count', 'remat', 'attention_impl', 'dtype')
+RESUMABLE_CHANGES = ('data_dir', 'worker_count', 'remat', 'attention_impl', 'sequence_parallel', 'dtype')
 
 
 def check_workdir(config, workdir: str, has_checkpoint: bool) -> None:

@@ -1,7 +1,11 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sora_jax import sharding
 from sora_jax.models import layers
 
 
@@ -42,3 +46,30 @@ def test_cross_attention_ignores_masked_keys():
   changed = ctx.at[:, 2:].set(100.0)
   np.testing.assert_allclose(attn(x, context_bld=ctx, mask_bl=mask),
                              attn(x, context_bld=changed, mask_bl=mask), atol=1e-5)
+
+
+@pytest.mark.parametrize('sequence_parallel, collective', [('all_to_all', 'all-to-all'),
+                                                           ('gather_kv', 'all-gather')])
+@pytest.mark.parametrize('sizes', [dict(data=2, sequence=4), dict(fsdp=2, tensor=2, sequence=2)])
+def test_sequence_parallel_self_attention_equals_unsharded_attention_with_a_key_mask(
+    sequence_parallel, collective, sizes):
+  from configs.shapes import SHARDING_RULES
+  rules = sharding.rules_tuple(SHARDING_RULES)
+  mesh = sharding.make_mesh(dict(dict(data=1, fsdp=1, tensor=1, sequence=1), **sizes))
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32) for _ in range(3))
+  mask_bs = jnp.asarray(rng.random((2, 16)) > 0.3)  # padding keys, e.g. of a packed sequence
+  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask_bs[:, None, None, :])
+  sp = lambda q, k, v: layers.self_attention(q, k, v, mask_bs, sequence_parallel=sequence_parallel)
+  loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) ** 2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    spec = NamedSharding(mesh, P(('data', 'fsdp'), 'sequence', 'tensor'))
+    q, k, v = (jax.device_put(x, spec) for x in (q, k, v))
+    out = jax.jit(sp)(q, k, v)
+    grads = jax.jit(jax.grad(loss(sp), argnums=(0, 1, 2)))(q, k, v)
+    hlo = jax.jit(sp).lower(q, k, v).compile().as_text()
+  np.testing.assert_allclose(out, plain(q, k, v), atol=1e-6)
+  for g, g_ref in zip(grads, jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, g_ref, atol=2e-5)
+  assert collective in hlo
+  assert out.sharding.spec[1] == 'sequence'  # the output stays sharded like the queries

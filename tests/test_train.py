@@ -78,11 +78,13 @@ def test_sharded_step_on_data_fsdp_tensor_mesh_matches_one_device(tiny_config, a
   assert sharded['ema']['blocks'][0]['mlp']['fc1']['kernel'].sharding.spec == P('fsdp', 'tensor')
 
 
-@pytest.mark.parametrize('mesh', ['dp', 'fsdp', 'fsdp_tp', 'fsdp_tp_sp', 'data=2,sequence=4'])
-def test_every_mesh_preset_and_sequence_parallelism_match_one_device(tiny_config, mesh):
-  """Spacetime tokens sharded over 'sequence' too (XLA gathers keys and values for attention)."""
+@pytest.mark.parametrize('mesh, sequence_parallel', [
+    ('dp', 'all_to_all'), ('fsdp', 'all_to_all'), ('fsdp_tp', 'all_to_all'), ('fsdp_tp_sp', 'all_to_all'),
+    ('fsdp_tp_sp', 'gather_kv'), ('data=2,sequence=4', 'all_to_all'), ('data=2,sequence=4', 'xla')])
+def test_every_mesh_preset_and_sequence_parallelism_match_one_device(tiny_config, mesh, sequence_parallel):
+  """Spacetime tokens sharded over 'sequence' too, with each way of communicating for attention."""
   config = tiny_config
-  config.model.update(width=32, num_heads=4, text_heads=2)
+  config.model.update(width=32, num_heads=4, text_heads=2, sequence_parallel=sequence_parallel)
   batch = fixed_batch(config)
   single, losses1 = run_steps(config, jax.devices()[:1], batch, 2)
   sizes = sharding.MESH_PRESETS.get(mesh) or dict(data=2, fsdp=1, tensor=1, sequence=4)

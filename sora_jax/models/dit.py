@@ -85,9 +85,9 @@ class DiTBlock(nnx.Module):
   """
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, text_dim: int, rngs: nnx.Rngs,
-               dtype, attention_impl):
+               dtype, attention_impl, sequence_parallel='all_to_all'):
     kw = dict(rngs=rngs, dtype=dtype, implementation=attention_impl)
-    self.self_attn = layers.Attention(dim, num_heads, **kw)
+    self.self_attn = layers.Attention(dim, num_heads, sequence_parallel=sequence_parallel, **kw)
     self.cross_norm = layers.RMSNorm(dim, 'embed', rngs=rngs)
     # Not zero-initialised: a zero output projection starves queries and keys of gradient, and
     # cross-attention then never learns to look past what the pooled caption already gives.
@@ -139,7 +139,8 @@ class DiT(nnx.Module):
                num_heads: int, mlp_ratio: float = 4.0, text_width: int = 128, text_depth: int = 2,
                text_heads: int = 4, pooled_text: bool = True, absolute_positions: bool = True,
                rope_theta: float = 10000.0, remat: str = 'none',
-               dtype=jnp.float32, attention_impl: str | None = None, rngs: nnx.Rngs):
+               dtype=jnp.float32, attention_impl: str | None = None,
+               sequence_parallel: str = 'all_to_all', rngs: nnx.Rngs):
     self.patch = tuple(patch)
     self.channels = channels
     self.pooled_text = pooled_text
@@ -161,7 +162,7 @@ class DiT(nnx.Module):
       self.pool_mlp = layers.Mlp(width, width, rngs=rngs, dtype=dtype, token_axis=None)
     self.blocks = nnx.List([
         DiTBlock(width, num_heads, mlp_ratio, text_dim=width, rngs=rngs, dtype=dtype,
-                 attention_impl=attention_impl) for _ in range(depth)])
+                 attention_impl=attention_impl, sequence_parallel=sequence_parallel) for _ in range(depth)])
     self.final = FinalLayer(width, patch_values, rngs=rngs, dtype=dtype)
 
   def encode_text(self, tokens_bl, mask_bl):
@@ -199,7 +200,8 @@ def from_config(model_config, channels: int, rngs: nnx.Rngs) -> DiT:
              text_depth=model_config.text_depth, text_heads=model_config.text_heads,
              pooled_text=model_config.pooled_text, absolute_positions=model_config.absolute_positions,
              rope_theta=model_config.rope_theta, remat=model_config.get('remat', 'none'),
-             dtype=jnp.dtype(model_config.dtype), attention_impl=model_config.attention_impl, rngs=rngs)
+             dtype=jnp.dtype(model_config.dtype), attention_impl=model_config.attention_impl,
+             sequence_parallel=model_config.get('sequence_parallel', 'all_to_all'), rngs=rngs)
 
 
 def forward_flops_per_sample(model_config, latent_thw: tuple[int, int, int], channels: int,

@@ -4,9 +4,13 @@ Shape letters: b batch, s query tokens, l key tokens, d width, n heads, k head d
 Parameters are float32; each layer computes in `dtype` (float32 or bfloat16).
 """
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sora_jax.models.axes import constrain, param
 
@@ -90,6 +94,63 @@ def apply_rope(x_bsnk, pos_bsa, theta: float = 10000.0):
 # Attention and MLP.
 # ----------------------------------------------------------------------------------------------
 
+SEQUENCE_PARALLEL = ('all_to_all', 'gather_kv', 'xla')
+
+
+def _mesh_axes(logical_axes, shape) -> list[tuple[str, ...]]:
+  """Per dim, the mesh axes an activation is sharded over under the current rules and mesh; axes
+  that do not divide their dim are dropped (as `sora_jax.sharding` does for parameters)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = nn.logical_to_mesh_axes(logical_axes)
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a in mesh.shape)
+    size = math.prod(mesh.shape[a] for a in names)
+    fitted.append(names if names and size > 1 and dim % size == 0 else ())
+  return fitted
+
+
+def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
+                   sequence_parallel: str = 'all_to_all'):
+  """Self-attention over spacetime tokens that may be sharded on the mesh's 'sequence' axis.
+
+  With the tokens ('act_seq') sharded over n devices, each device holds s/n queries, keys and values:
+  - 'all_to_all' (DeepSpeed-Ulysses): one all-to-all turns [s/n tokens, all heads] into [all
+    tokens, heads/n], attention runs locally over whole sequences, one all-to-all turns it back.
+    Moves 4 activations of s/n tokens per device per layer, whatever n; needs heads (per tensor
+    shard) divisible by n, otherwise it falls back to 'gather_kv'.
+  - 'gather_kv': queries stay put, keys and values are all-gathered (n-1 times more traffic).
+  - 'xla': no explicit collectives; the compiler chooses (it gathers keys and values).
+  All three equal unsharded attention. mask_bs: [b, s] True where a key is real (padding).
+  """
+  mask = None if mask_bs is None else mask_bs[:, None, None, :]
+  plain = lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation=implementation)
+  batch_axes, seq_axes, head_axes, _ = _mesh_axes(('act_batch', 'act_seq', 'act_heads', None), q_bsnk.shape)
+  if sequence_parallel == 'xla' or not seq_axes:
+    return plain(q_bsnk, k_bsnk, v_bsnk, mask)
+  mesh = jax.sharding.get_abstract_mesh()
+  n_seq = math.prod(mesh.shape[a] for a in seq_axes)
+  local_heads = q_bsnk.shape[2] // math.prod(mesh.shape[a] for a in head_axes)
+  use_all_to_all = sequence_parallel == 'all_to_all' and local_heads % n_seq == 0
+  spec = P(batch_axes or None, seq_axes, head_axes or None, None)
+  mask_spec = P(batch_axes or None, None, None, seq_axes)
+
+  def local(q, k, v, m):  # [b/dp, s/n, heads/tp, k]; m: [b/dp, 1, 1, s/n] or None
+    if m is not None:
+      m = jax.lax.all_gather(m, seq_axes, axis=3, tiled=True)  # every query sees every key's mask
+    if use_all_to_all:
+      to_heads = lambda x: jax.lax.all_to_all(x, seq_axes, split_axis=2, concat_axis=1, tiled=True)
+      out = plain(to_heads(q), to_heads(k), to_heads(v), m)  # [b, s, heads/(tp n), k]
+      return jax.lax.all_to_all(out, seq_axes, split_axis=1, concat_axis=2, tiled=True)
+    gather = lambda x: jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)
+    return plain(q, gather(k), gather(v), m)
+
+  if mask is None:
+    return jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh, in_specs=(spec, spec, spec),
+                         out_specs=spec)(q_bsnk, k_bsnk, v_bsnk)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec)(
+      q_bsnk, k_bsnk, v_bsnk, mask)
+
 class Attention(nnx.Module):
   """Multi-head attention with QK-norm; self-attention with RoPE, or cross-attention to `context`.
 
@@ -97,11 +158,14 @@ class Attention(nnx.Module):
   `implementation` is passed to `jax.nn.dot_product_attention` (None/'xla' or 'cudnn').
   `query_axis` names the logical axis of the queries: 'act_seq' (spacetime tokens, sharded for
   sequence parallelism), 'act_text' (text tokens) or None (a few pooling queries).
+  `sequence_parallel` chooses how self-attention over sharded spacetime tokens communicates (see
+  `self_attention`); cross-attention needs nothing: the text is whole on every device.
   """
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, context_dim: int | None = None,
                qk_norm: bool = True, zero_out: bool = False, dtype=jnp.float32,
-               implementation: str | None = None, query_axis: str | None = 'act_seq'):
+               implementation: str | None = None, query_axis: str | None = 'act_seq',
+               sequence_parallel: str = 'all_to_all'):
     if dim % num_heads:
       raise ValueError(f'width {dim} is not divisible by {num_heads} heads')
     k = dim // num_heads
@@ -117,6 +181,7 @@ class Attention(nnx.Module):
     self.dtype = dtype
     self.implementation = None if implementation in (None, 'xla') else implementation
     self.query_axis = query_axis
+    self.sequence_parallel = sequence_parallel
 
   def __call__(self, x_bsd, *, context_bld=None, mask_bl=None, pos_bsa=None):
     """mask_bl: [b, l] True where a key is real; pos_bsa: positions for RoPE (self-attention)."""
@@ -130,8 +195,12 @@ class Attention(nnx.Module):
     if pos_bsa is not None:
       q, k = apply_rope(q, pos_bsa), apply_rope(k, pos_bsa)
     q = constrain(q, ('act_batch', self.query_axis, 'act_heads', None))
-    mask = None if mask_bl is None else mask_bl[:, None, None, :]  # [b, 1(n), 1(s), l]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+    if context_bld is None and self.query_axis == 'act_seq':
+      out = self_attention(q, k, v, mask_bl, implementation=self.implementation,
+                           sequence_parallel=self.sequence_parallel)
+    else:
+      mask = None if mask_bl is None else mask_bl[:, None, None, :]  # [b, 1(n), 1(s), l]
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
     return jnp.einsum('bsnk,nkd->bsd', out, self.wo.astype(dt)) + self.bo.astype(dt)
 
 
