@@ -5,6 +5,10 @@ channels, p values per patch (pt*ph*pw*c), s = t*h*w tokens, d width, l text tok
 
 Inputs: a noisy latent video x_bthwc, the flow time t_b in [0, 1], and text embeddings with
 their mask. Positions (t, h, w) of each token are explicit so that packing can come later.
+
+`conditioning='class'` gives instead the class-conditional image DiT of Peebles & Xie (2023),
+parameter for parameter (configs/imagenet_dit.py): a label table with a null class, no text, no
+cross-attention, no QK-norm, no RoPE, qkv biases, and "learned sigma" outputs (see `DiT`).
 """
 
 import math
@@ -82,24 +86,33 @@ class DiTBlock(nnx.Module):
   """Self-attention (3D RoPE) and MLP modulated by adaLN-Zero; cross-attention to text in between.
 
   At initialisation the adaLN gates are zero, so the self-attention and MLP branches add nothing.
+  `text_dim=None` leaves out the cross-attention (class-conditional DiT); `rope=False` drops RoPE
+  from the self-attention (then `pos_bs3` is unused).
   """
 
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, text_dim: int, rngs: nnx.Rngs,
-               dtype, attention_impl, sequence_parallel='all_to_all'):
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, text_dim: int | None, rngs: nnx.Rngs,
+               dtype, attention_impl, sequence_parallel='all_to_all', qk_norm: bool = True,
+               qkv_bias: bool = False, rope: bool = True):
     kw = dict(rngs=rngs, dtype=dtype, implementation=attention_impl)
-    self.self_attn = layers.Attention(dim, num_heads, sequence_parallel=sequence_parallel, **kw)
-    self.cross_norm = layers.RMSNorm(dim, 'embed', rngs=rngs)
-    # Not zero-initialised: a zero output projection starves queries and keys of gradient, and
-    # cross-attention then never learns to look past what the pooled caption already gives.
-    self.cross_attn = layers.Attention(dim, num_heads, context_dim=text_dim, **kw)
+    self.self_attn = layers.Attention(dim, num_heads, sequence_parallel=sequence_parallel,
+                                      qk_norm=qk_norm, qkv_bias=qkv_bias, **kw)
+    self.rope = rope
+    self.cross_attention = text_dim is not None
+    if self.cross_attention:
+      self.cross_norm = layers.RMSNorm(dim, 'embed', rngs=rngs)
+      # Not zero-initialised: a zero output projection starves queries and keys of gradient, and
+      # cross-attention then never learns to look past what the pooled caption already gives.
+      self.cross_attn = layers.Attention(dim, num_heads, context_dim=text_dim, **kw)
     self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
     self.modulation = layers.Dense(dim, 6 * dim, ('embed', 'mlp'), rngs=rngs, zero=True, dtype=dtype)
 
-  def __call__(self, x_bsd, c_bd, pos_bs3, text_bld, text_mask_bl):
+  def __call__(self, x_bsd, c_bd, pos_bs3, text_bld=None, text_mask_bl=None):
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(jax.nn.silu(c_bd)), 6, -1)
-    h = self.self_attn(layers.modulate(layers.layer_norm(x_bsd), shift1, scale1), pos_bsa=pos_bs3)
+    h = self.self_attn(layers.modulate(layers.layer_norm(x_bsd), shift1, scale1),
+                       pos_bsa=pos_bs3 if self.rope else None)
     x_bsd = x_bsd + gate1[:, None] * h
-    x_bsd = x_bsd + self.cross_attn(self.cross_norm(x_bsd), context_bld=text_bld, mask_bl=text_mask_bl)
+    if self.cross_attention:
+      x_bsd = x_bsd + self.cross_attn(self.cross_norm(x_bsd), context_bld=text_bld, mask_bl=text_mask_bl)
     h = self.mlp(layers.modulate(layers.layer_norm(x_bsd), shift2, scale2))
     x_bsd = x_bsd + gate2[:, None] * h
     return constrain(x_bsd, ('act_batch', 'act_seq', 'act_embed'))
@@ -128,11 +141,25 @@ REMAT_POLICIES = {
 
 
 
-class DiT(nnx.Module):
-  """Text-conditioned DiT; owns the built-in text encoder so both train together.
+CONDITIONING = ('text', 'class')
 
-  __call__(x_bthwc, t_b, tokens_bl, token_mask_bl) -> prediction [b, T, H, W, c] (x0 or velocity,
-  as the objective chooses; the network does not care).
+
+class DiT(nnx.Module):
+  """Text-conditioned DiT that owns the built-in text encoder, so both train together; or with
+  `conditioning='class'`, the class-conditional DiT of Peebles & Xie (2023).
+
+  Text:  __call__(x_bthwc, t_b, tokens_bl, token_mask_bl)
+  Class: __call__(x_bthwc, t_b, labels_b=labels_b), labels_b int [b] in [0, num_classes]; the
+         label `num_classes` (`DiT.null_label`) is the null class for classifier-free guidance:
+         callers drop labels to it in training and pass it for the unconditional branch.
+  -> prediction [b, T, H, W, c] (x0 or velocity, as the objective chooses; the network does not care).
+
+  The class model's options, each defaulting to the text model's behaviour: `qk_norm`, `qkv_bias`,
+  `rope` (without it, positions are the fixed sin-cos features only) and `learn_sigma`. With
+  `learn_sigma` the final layer predicts 2c channels per value as DiT's does (its second half was
+  the variance of the DDPM posterior); `__call__` returns the first c only, so the extra outputs get
+  no gradient from the rectified-flow loss (SiT keeps the same layout). They are kept so that the
+  parameter count, the FLOPs and the checkpoint layout equal the paper's.
   """
 
   def __init__(self, *, channels: int, patch: tuple[int, int, int], width: int, depth: int,
@@ -140,45 +167,81 @@ class DiT(nnx.Module):
                text_heads: int = 4, pooled_text: bool = True, absolute_positions: bool = True,
                rope_theta: float = 10000.0, remat: str = 'none',
                dtype=jnp.float32, attention_impl: str | None = None,
-               sequence_parallel: str = 'all_to_all', rngs: nnx.Rngs):
+               sequence_parallel: str = 'all_to_all', conditioning: str = 'text',
+               num_classes: int | None = None, qk_norm: bool = True, qkv_bias: bool = False,
+               rope: bool = True, learn_sigma: bool = False, rngs: nnx.Rngs):
     self.patch = tuple(patch)
     self.channels = channels
-    self.pooled_text = pooled_text
+    if conditioning not in CONDITIONING:
+      raise ValueError(f'conditioning={conditioning!r}: use one of {CONDITIONING}')
+    if conditioning == 'class' and not (isinstance(num_classes, int) and num_classes > 0):
+      raise ValueError(f'conditioning="class" needs a positive num_classes, got {num_classes!r}')
+    self.conditioning = conditioning
+    self.num_classes = num_classes if conditioning == 'class' else None
+    self.pooled_text = pooled_text and conditioning == 'text'
     self.absolute_positions = absolute_positions
     self.rope_theta = rope_theta
+    self.learn_sigma = learn_sigma
     if remat not in REMAT_POLICIES:
       raise ValueError(f'remat={remat!r}: use one of {tuple(REMAT_POLICIES)}')
     self.remat = remat
     patch_values = math.prod(self.patch) * channels
-    self.text_encoder = ByteTextEncoder(text_width, text_depth, text_heads, rngs=rngs, dtype=dtype)
+    if conditioning == 'text':
+      self.text_encoder = ByteTextEncoder(text_width, text_depth, text_heads, rngs=rngs, dtype=dtype)
     self.patch_embed = layers.Dense(patch_values, width, ('patch', 'embed'), rngs=rngs, dtype=dtype)
     self.time_mlp1 = layers.Dense(256, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
     self.time_mlp2 = layers.Dense(width, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
-    self.text_proj = layers.Dense(text_width, width, ('text_embed', 'embed'), rngs=rngs, dtype=dtype)
-    if pooled_text:  # attention pooling: learned queries pick the words that matter
+    if conditioning == 'text':
+      self.text_proj = layers.Dense(text_width, width, ('text_embed', 'embed'), rngs=rngs, dtype=dtype)
+    else:  # one row per class and a last one for the null class; DiT's init (normal, std 0.02)
+      self.label_embedding = param(rngs, layers.init_normal(0.02), (num_classes + 1, width), ('classes', 'embed'))
+    if self.pooled_text:  # attention pooling: learned queries pick the words that matter
       self.pool_query = param(rngs, layers.init_normal(0.02), (1, width), ('pos', 'embed'))
       self.pool_attn = layers.Attention(width, num_heads, rngs=rngs, dtype=dtype,
                                         implementation=attention_impl, query_axis=None)
       self.pool_mlp = layers.Mlp(width, width, rngs=rngs, dtype=dtype, token_axis=None)
     self.blocks = nnx.List([
-        DiTBlock(width, num_heads, mlp_ratio, text_dim=width, rngs=rngs, dtype=dtype,
-                 attention_impl=attention_impl, sequence_parallel=sequence_parallel) for _ in range(depth)])
-    self.final = FinalLayer(width, patch_values, rngs=rngs, dtype=dtype)
+        DiTBlock(width, num_heads, mlp_ratio, text_dim=width if conditioning == 'text' else None,
+                 rngs=rngs, dtype=dtype, attention_impl=attention_impl,
+                 sequence_parallel=sequence_parallel, qk_norm=qk_norm, qkv_bias=qkv_bias, rope=rope)
+        for _ in range(depth)])
+    self.final = FinalLayer(width, patch_values * (2 if learn_sigma else 1), rngs=rngs, dtype=dtype)
+
+  @property
+  def null_label(self) -> int:
+    """The label of the null class (classifier-free guidance) of a class-conditional model."""
+    if self.conditioning != 'class':
+      raise ValueError('a text-conditioned DiT has no null label: use the empty caption')
+    return self.num_classes
 
   def encode_text(self, tokens_bl, mask_bl):
     text_bld, mask_bl = self.text_encoder(tokens_bl, mask_bl)
     return self.text_proj(text_bld), mask_bl
 
-  def __call__(self, x_bthwc, t_b, tokens_bl, token_mask_bl):
+  def __call__(self, x_bthwc, t_b, tokens_bl=None, token_mask_bl=None, *, labels_b=None):
     b, T, H, W, c = x_bthwc.shape
+    if c != self.channels:
+      raise ValueError(f'the DiT was built for {self.channels} latent channels, got an input with {c}')
+    if self.conditioning == 'text' and (tokens_bl is None or token_mask_bl is None or labels_b is not None):
+      raise ValueError('a text-conditioned DiT takes (x, t, tokens, token_mask), not labels')
+    if self.conditioning == 'class' and (labels_b is None or tokens_bl is not None or token_mask_bl is not None):
+      raise ValueError('a class-conditional DiT takes (x, t, labels_b=labels), not text tokens')
     grid = (T // self.patch[0], H // self.patch[1], W // self.patch[2])
     pos_bs3 = jnp.broadcast_to(grid_positions(grid)[None], (b, math.prod(grid), 3))
     x_bsd = self.patch_embed(patchify(x_bthwc, self.patch))
     if self.absolute_positions:
-      x_bsd = x_bsd + sincos_position_embedding(pos_bs3, x_bsd.shape[-1]).astype(x_bsd.dtype)
+      pos_bsa = pos_bs3
+      if self.conditioning == 'class' and grid[0] == 1:
+        # Images: DiT's 2D sin-cos table exactly, its first half from w and its second from h.
+        pos_bsa = pos_bs3[..., ::-1][..., :2]
+      x_bsd = x_bsd + sincos_position_embedding(pos_bsa, x_bsd.shape[-1]).astype(x_bsd.dtype)
     x_bsd = constrain(x_bsd, ('act_batch', 'act_seq', 'act_embed'))
-    text_bld, text_mask_bl = self.encode_text(tokens_bl, token_mask_bl)
     c_bd = self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t_b, 256))))
+    text_bld = text_mask_bl = None
+    if self.conditioning == 'class':
+      c_bd = c_bd + jnp.take(self.label_embedding[...], labels_b, axis=0).astype(c_bd.dtype)
+    else:
+      text_bld, text_mask_bl = self.encode_text(tokens_bl, token_mask_bl)
     if self.pooled_text:  # a summary of the caption in the adaLN condition steers every token
       query_b1d = jnp.broadcast_to(self.pool_query[None], (b, 1, self.pool_query.shape[-1]))
       pooled_b1d = self.pool_attn(query_b1d, context_bld=text_bld, mask_bl=text_mask_bl)
@@ -189,40 +252,61 @@ class DiT(nnx.Module):
     for block in self.blocks:
       x_bsd = apply(block, x_bsd, c_bd, pos_bs3, text_bld, text_mask_bl)
     out_bsp = self.final(x_bsd, c_bd)
+    if self.learn_sigma:  # values (pt, ph, pw, 2c) as in DiT; the second c (its variance) is unused
+      return unpatchify(out_bsp, self.patch, grid, 2 * c)[..., :c].astype(jnp.float32)
     return unpatchify(out_bsp, self.patch, grid, c).astype(jnp.float32)
 
 
 def from_config(model_config, channels: int, rngs: nnx.Rngs) -> DiT:
-  """The DiT described by `config.model` for a latent with `channels` channels."""
-  return DiT(channels=channels, patch=tuple(model_config.patch), width=model_config.width,
+  """The DiT described by `config.model` for a latent with `channels` channels (the autoencoder's),
+  unless `config.model.channels` names another count.
+
+  Fields a config may leave out take the text model's defaults, so older configs and checkpoints
+  build the same model: `conditioning` ('text'), `num_classes`, `qk_norm` (True), `qkv_bias`
+  (False), `rope` (True), `learn_sigma` (False), `remat`, `sequence_parallel`; the text fields
+  are only read by the text model.
+  """
+  get = model_config.get
+  return DiT(channels=get('channels') or channels, patch=tuple(model_config.patch), width=model_config.width,
              depth=model_config.depth, num_heads=model_config.num_heads,
-             mlp_ratio=model_config.mlp_ratio, text_width=model_config.text_width,
-             text_depth=model_config.text_depth, text_heads=model_config.text_heads,
-             pooled_text=model_config.pooled_text, absolute_positions=model_config.absolute_positions,
-             rope_theta=model_config.rope_theta, remat=model_config.get('remat', 'none'),
-             dtype=jnp.dtype(model_config.dtype), attention_impl=model_config.attention_impl,
-             sequence_parallel=model_config.get('sequence_parallel', 'all_to_all'), rngs=rngs)
+             mlp_ratio=model_config.mlp_ratio, text_width=get('text_width', 128),
+             text_depth=get('text_depth', 2), text_heads=get('text_heads', 4),
+             pooled_text=get('pooled_text', True), absolute_positions=get('absolute_positions', True),
+             rope_theta=get('rope_theta', 10000.0), remat=get('remat', 'none'),
+             dtype=jnp.dtype(model_config.dtype), attention_impl=get('attention_impl', None),
+             sequence_parallel=get('sequence_parallel', 'all_to_all'),
+             conditioning=get('conditioning', 'text'), num_classes=get('num_classes', None),
+             qk_norm=get('qk_norm', True), qkv_bias=get('qkv_bias', False), rope=get('rope', True),
+             learn_sigma=get('learn_sigma', False), rngs=rngs)
 
 
 def forward_flops_per_sample(model_config, latent_thw: tuple[int, int, int], channels: int,
-                             text_len: int) -> int:
+                             text_len: int = 0) -> int:
   """Matmul FLOPs (2 per multiply-add, attention included) of one forward pass for one sample.
 
   Elementwise work (norms, RoPE, softmax, GELU) is left out, as in MFU conventions; a train
-  step costs 3x this (the backward pass is two matmuls per forward matmul).
+  step costs 3x this (the backward pass is two matmuls per forward matmul). The DiT paper's
+  "Gflops" count multiply-adds: half of this. `text_len` is unused by a class-conditional model
+  (its label lookup costs no matmul); `channels` is the autoencoder's, as for `from_config`.
   """
   m = model_config
   s = math.prod(n // p for n, p in zip(latent_thw, m.patch))  # spacetime tokens
-  l, d, e, f = text_len, m.width, m.text_width, int(m.width * m.mlp_ratio)
-  values = math.prod(m.patch) * channels
+  d, f = m.width, int(m.width * m.mlp_ratio)
+  values = math.prod(m.patch) * (m.get('channels') or channels)
+  out_values = values * (2 if m.get('learn_sigma', False) else 1)
 
   def attention(queries, keys, dim, context_dim):  # projections + scores + weighted values
     return 2 * (queries * dim * dim * 2 + keys * context_dim * dim * 2) + 4 * queries * keys * dim
 
-  text = m.text_depth * (attention(l, l, e, e) + 2 * 2 * l * e * 4 * e) + 2 * l * e * d
   cond = 2 * 256 * d + 2 * d * d
-  if m.pooled_text:
-    cond += attention(1, l, d, d) + 2 * 2 * d * d
-  block = 2 * d * 6 * d + attention(s, s, d, d) + attention(s, l, d, d) + 2 * 2 * s * d * f
-  final = 2 * d * 2 * d + 2 * s * d * values
+  block = 2 * d * 6 * d + attention(s, s, d, d) + 2 * 2 * s * d * f
+  if m.get('conditioning', 'text') == 'text':
+    l, e = text_len, m.text_width
+    text = m.text_depth * (attention(l, l, e, e) + 2 * 2 * l * e * 4 * e) + 2 * l * e * d
+    if m.pooled_text:
+      cond += attention(1, l, d, d) + 2 * 2 * d * d
+    block += attention(s, l, d, d)
+  else:
+    text = 0
+  final = 2 * d * 2 * d + 2 * s * d * out_values
   return 2 * s * values * d + text + cond + m.depth * block + final

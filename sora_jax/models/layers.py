@@ -155,6 +155,7 @@ class Attention(nnx.Module):
   """Multi-head attention with QK-norm; self-attention with RoPE, or cross-attention to `context`.
 
   `zero_out=True` zero-initialises the output projection so the residual branch starts at 0.
+  `qkv_bias=True` adds biases to the query, key and value projections (as in the DiT paper's blocks).
   `implementation` is passed to `jax.nn.dot_product_attention` (None/'xla' or 'cudnn').
   `query_axis` names the logical axis of the queries: 'act_seq' (spacetime tokens, sharded for
   sequence parallelism), 'act_text' (text tokens) or None (a few pooling queries).
@@ -163,7 +164,7 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, context_dim: int | None = None,
-               qk_norm: bool = True, zero_out: bool = False, dtype=jnp.float32,
+               qk_norm: bool = True, qkv_bias: bool = False, zero_out: bool = False, dtype=jnp.float32,
                implementation: str | None = None, query_axis: str | None = 'act_seq',
                sequence_parallel: str = 'all_to_all'):
     if dim % num_heads:
@@ -176,6 +177,9 @@ class Attention(nnx.Module):
     self.wo = param(rngs, init_zeros if zero_out else init_xavier, (num_heads, k, dim),
                     ('heads', 'kv', 'embed'))
     self.bo = param(rngs, init_zeros, (dim,), ('embed',))
+    if qkv_bias:  # only then: the parameter trees of models without them stay as they were
+      self.bq, self.bk, self.bv = (param(rngs, init_zeros, (num_heads, k), ('heads', 'kv')) for _ in range(3))
+    self.qkv_bias = qkv_bias
     self.q_norm = RMSNorm(k, rngs=rngs) if qk_norm else None
     self.k_norm = RMSNorm(k, rngs=rngs) if qk_norm else None
     self.dtype = dtype
@@ -190,6 +194,8 @@ class Attention(nnx.Module):
     q = jnp.einsum('bsd,dnk->bsnk', x_bsd.astype(dt), self.wq.astype(dt))
     k = jnp.einsum('bld,dnk->blnk', kv_in.astype(dt), self.wk.astype(dt))
     v = jnp.einsum('bld,dnk->blnk', kv_in.astype(dt), self.wv.astype(dt))
+    if self.qkv_bias:
+      q, k, v = q + self.bq.astype(dt), k + self.bk.astype(dt), v + self.bv.astype(dt)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if pos_bsa is not None:
