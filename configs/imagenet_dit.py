@@ -26,11 +26,14 @@ The objective is SiT's (Ma et al. 2024) rather than DiT's DDPM: rectified flow, 
 prediction, t ~ U(0, 1). Optimizer as DiT: AdamW, constant lr 1e-4, no weight decay, batch 256,
 EMA 0.9999; 10% of labels dropped to the null class.
 
-Training needs labels from the data and the trainer (the model takes `labels_b=`, not tokens).
 Data: ImageNet latents come with the VAE issue. Until then `data` names the embedded `shapes`
-dataset at one 32 x 32 frame and `autoencoder` is 'identity' (3 pixel channels), while the model is
-built for `model.channels=4` latent channels: pass `--config.model.channels=3` (3/4 of the
-patch-embedding and output weights; everything else as the paper) to train on pixels meanwhile.
+dataset at one 32 x 32 frame, whose records carry 84 classes (color x shape x direction,
+`sora_jax.data.shapes.class_label`), and `autoencoder` is 'identity' (3 pixel channels) while the
+model is built for `model.channels=4` latent channels: pass `--config.model.channels=3` (3/4 of
+the patch-embedding and output weights; everything else as the paper) to train on pixels meanwhile:
+
+  python -m sora_jax.main --config=configs/imagenet_dit.py:S/2 --workdir=runs/dit_s2 --config.model.channels=3
+  python -m sora_jax.sample --workdir=runs/dit_s2 --prompt=17 --out=class17.gif   # a class index
 """
 
 import importlib.util

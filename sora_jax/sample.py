@@ -37,22 +37,46 @@ class Model:
 
 
 @partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction', 'stochasticity'))
-def _sample_latents(params, graphdef, noise, tokens, mask, null_tokens, null_mask, guidance_scale,
-                    time_shift, rng_b, *, num_steps: int, prediction: str, stochasticity: float):
+def _sample_latents(params, graphdef, noise, cond, null_cond, guidance_scale, time_shift, rng_b, *,
+                    num_steps: int, prediction: str, stochasticity: float):
   net = nnx.merge(graphdef, params)
 
   def velocity(x, t_b, cond):
     # The exact v = (x_t - x0) / t: the last Euler step then lands on x0.
-    return rf.to_velocity(net(x, t_b, *cond), x, t_b, prediction_type=prediction)
+    return rf.to_velocity(net(x, t_b, **cond), x, t_b, prediction_type=prediction)
 
-  fn = rf.guided(velocity, (tokens, mask), (null_tokens, null_mask), guidance_scale)
+  fn = rf.guided(velocity, cond, null_cond, guidance_scale)
   return rf.sample(fn, noise, num_steps=num_steps, shift=time_shift, stochasticity=stochasticity, rng_b=rng_b)
 
 
-def generate(model: Model, prompts: list[str], *, seed: int = 0, num_steps: int | None = None,
+def conditioning(config, prompts: list) -> tuple[dict, dict]:
+  """The DiT keywords for `prompts` and for the unconditional branch of guidance.
+
+  Text models take captions (the null condition is the empty caption); class-conditional models
+  take class indices (ints, or strings of digits from a command line; the null class is
+  `config.model.num_classes`).
+  """
+  if config.model.get('conditioning', 'text') == 'class':
+    n = config.model.num_classes
+    try:
+      labels = [int(p) for p in prompts]
+    except ValueError:
+      raise UsageError(f'prompts {prompts}: a class-conditional model takes class indices in [0, {n})') from None
+    if not all(0 <= label < n for label in labels):
+      raise UsageError(f'class labels {labels}: use indices in [0, {n})')
+    return (dict(labels_b=np.asarray(labels, np.int32)), dict(labels_b=np.full(len(labels), n, np.int32)))
+  tokens, mask = text.tokenize([str(p) for p in prompts], config.data.max_text_len)
+  null_tokens, null_mask = text.tokenize([''] * len(prompts), config.data.max_text_len)
+  return dict(tokens_bl=tokens, token_mask_bl=mask), dict(tokens_bl=null_tokens, token_mask_bl=null_mask)
+
+
+def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | None = None,
              guidance_scale: float | None = None, time_shift: float | None = None,
              stochasticity: float | None = None) -> np.ndarray:
-  """uint8 videos [len(prompts), T, H, W, 3]; unset options come from `config.sample`."""
+  """uint8 videos [len(prompts), T, H, W, 3]; unset options come from `config.sample`.
+
+  `prompts` are captions, or class indices for a class-conditional model.
+  """
   cfg = model.config
   num_steps = num_steps or cfg.sample.num_steps
   guidance_scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
@@ -63,17 +87,17 @@ def generate(model: Model, prompts: list[str], *, seed: int = 0, num_steps: int 
     raise UsageError(f'steps={num_steps}: need at least one sampling step')
   if not 0 <= stochasticity <= 1:
     raise UsageError(f'stochasticity={stochasticity}: use a value in [0, 1]')
-  tokens, mask = text.tokenize(list(prompts), cfg.data.max_text_len)
-  null_tokens, null_mask = text.tokenize([''] * len(prompts), cfg.data.max_text_len)
+  cond, null_cond = conditioning(cfg, list(prompts))
   shape = model.autoencoder.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
+  channels = cfg.model.get('channels') or model.autoencoder.channels
   key, sde_key = jax.random.split(jax.random.key(seed))
   # One noise per prompt index, so a prompt's video does not depend on the batch around it.
-  noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (*shape, model.autoencoder.channels)))(
+  noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (*shape, channels)))(
       jnp.arange(len(prompts)))
   rng_b = jax.vmap(lambda i: jax.random.fold_in(sde_key, i))(jnp.arange(len(prompts)))
-  latents = _sample_latents(model.params, model.graphdef, noise, tokens, mask, null_tokens, null_mask,
-                            guidance_scale, time_shift, rng_b, num_steps=num_steps,
-                            prediction=cfg.objective.prediction, stochasticity=float(stochasticity))
+  latents = _sample_latents(model.params, model.graphdef, noise, cond, null_cond, guidance_scale, time_shift,
+                            rng_b, num_steps=num_steps, prediction=cfg.objective.prediction,
+                            stochasticity=float(stochasticity))
   return video.to_uint8(jax.device_get(model.autoencoder.decode(latents)))
 
 
@@ -117,7 +141,8 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Defined on demand, so that importing this module (as train.py does) defines no flags."""
   flags.DEFINE_string('workdir', None, 'Training workdir to sample from.')
-  flags.DEFINE_multi_string('prompt', None, 'Text prompt; repeat for several videos.')
+  flags.DEFINE_multi_string('prompt', None, 'Text prompt (a class index for a class-conditional model); '
+                            'repeat for several videos.')
   flags.DEFINE_string('out', 'sample.mp4', 'Output .mp4 or .gif; with several prompts, _0, _1, ... '
                       'are inserted before the suffix.')
   flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance scale (default: config).')

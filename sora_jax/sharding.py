@@ -51,8 +51,12 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  try:
+    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, devices=devices, axis_types=axis_types)
+  except AssertionError:  # compile-only TPU v4 slices list both cores of a chip, which the physical
+    # layout rejects: fall back to the devices in their listed order
+    return Mesh(np.asarray(devices).reshape(tuple(sizes.values())), MESH_AXES, axis_types=axis_types)
 
 
 def rules_tuple(rules) -> tuple[tuple[str, Any], ...]:

@@ -23,6 +23,7 @@ from flax import nnx
 from sora_jax import UsageError, checkpoint, ensure_writable_dir, metrics, optim, sample, sharding, video
 from sora_jax.data import pipeline
 from sora_jax.diffusion import rectified_flow as rf
+from sora_jax.models import autoencoder as autoencoder_lib
 from sora_jax.models import dit, layers, text
 from sora_jax.models.axes import constrain
 
@@ -84,6 +85,15 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
                      f'data-parallel size {dp}')
   if m.dtype not in ('float32', 'bfloat16'):
     raise UsageError(f'config.model.dtype={m.dtype!r}: use "float32" or "bfloat16"')
+  if m.get('conditioning', 'text') not in dit.CONDITIONING:
+    raise UsageError(f'config.model.conditioning={m.conditioning!r}: use one of {dit.CONDITIONING}')
+  if m.get('conditioning') == 'class' and not (isinstance(m.get('num_classes'), int) and m.num_classes > 0):
+    raise UsageError(f'config.model.num_classes={m.get("num_classes")!r}: a class-conditional model needs '
+                     f'a positive number of classes')
+  channels = autoencoder_lib.make(config.autoencoder).channels
+  if m.get('channels') and m.channels != channels:
+    raise UsageError(f'config.model.channels={m.channels} but config.autoencoder.kind='
+                     f'{config.autoencoder.kind!r} gives {channels}: pass --config.model.channels={channels}')
   if m.get('sequence_parallel', 'all_to_all') not in layers.SEQUENCE_PARALLEL:
     raise UsageError(f'config.model.sequence_parallel={m.sequence_parallel!r}: use one of {layers.SEQUENCE_PARALLEL}')
   return sizes
@@ -134,17 +144,34 @@ def create_state(config, channels: int, tx, shardings):
 # ------------------------------------------------------------------------------------------------
 
 
-def make_loss_and_grads(config, graphdef):
-  """(params, x0, noise, t, tokens, mask) -> (mean loss, grads), in `config.grad_accum_steps` micro-batches.
+def batch_ndims(config) -> dict[str, int]:
+  """The input arrays a train step takes, by name, with their ranks (the leading axis is the batch)."""
+  if config.model.get('conditioning', 'text') == 'class':
+    return {'video': 5, 'label': 1}
+  return {'video': 5, 'tokens': 2, 'token_mask': 2}
 
+
+def jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings):
+  """The jitted train step (state, batch) -> (state, metrics): explicit shardings, the state donated.
+
+  The one definition that training and `experiments/benchmark.py` (timing, AOT compiles) share.
+  """
+  return jax.jit(make_train_step(config, graphdef, tx, autoencoder), in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_loss_and_grads(config, graphdef):
+  """(params, x0, noise, t, cond) -> (mean loss, grads), in `config.grad_accum_steps` micro-batches.
+
+  `cond` holds the DiT's conditioning keywords (`tokens_bl` and `token_mask_bl`, or `labels_b`).
   Micro-batch i takes samples i, i + m, i + 2m, ... so that every data-parallel shard feeds every
   micro-batch; equal sizes make the mean of micro-batch means the full-batch mean.
   """
   obj, accum = config.objective, config.grad_accum_steps
 
-  def loss_fn(params, x0, noise, t, tokens, mask):
+  def loss_fn(params, x0, noise, t, cond):
     net = nnx.merge(graphdef, params)
-    apply = lambda x_t, t_b: net(x_t, t_b, tokens, mask)
+    apply = lambda x_t, t_b: net(x_t, t_b, **cond)
     return rf.loss(apply, x0, noise, t, prediction_type=obj.prediction, min_t=obj.min_t)[0]
 
   def loss_and_grads(params, *batch):
@@ -160,7 +187,7 @@ def make_loss_and_grads(config, graphdef):
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    total, _ = jax.lax.scan(add_micro_batch, zeros, tuple(split(x) for x in batch))
+    total, _ = jax.lax.scan(add_micro_batch, zeros, jax.tree.map(split, batch))
     return jax.tree.map(lambda x: x / accum, total)
 
   return loss_and_grads
@@ -176,13 +203,16 @@ def make_train_step(config, graphdef, tx, autoencoder):
     r_noise, r_time, r_drop = jax.random.split(rng, 3)
     x0 = autoencoder.encode(batch['video'].astype(jnp.float32) / 127.5 - 1.0)
     b = x0.shape[0]
-    drop = jax.random.uniform(r_drop, (b, 1)) < obj.caption_dropout
-    tokens = jnp.where(drop, null_tokens, batch['tokens'])
-    mask = jnp.where(drop, null_mask, batch['token_mask'])
+    drop = jax.random.uniform(r_drop, (b, 1)) < obj.caption_dropout  # the unconditional share
+    if 'label' in batch:  # class-conditional: dropped labels become the null class
+      cond = dict(labels_b=jnp.where(drop[:, 0], config.model.num_classes, batch['label']))
+    else:
+      cond = dict(tokens_bl=jnp.where(drop, null_tokens, batch['tokens']),
+                  token_mask_bl=jnp.where(drop, null_mask, batch['token_mask']))
     noise = jax.random.normal(r_noise, x0.shape)
     t = rf.sample_time(r_time, b, mean=obj.time_mean, std=obj.time_std, shift=obj.time_shift,
                        high_noise_fraction=obj.high_noise_fraction, high_noise_min=obj.high_noise_min)
-    loss, grads = loss_and_grads(state['params'], x0, noise, t, tokens, mask)
+    loss, grads = loss_and_grads(state['params'], x0, noise, t, cond)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     ema = optim.ema_update(state['ema'], params, config.ema_decay, state['step'])
@@ -205,20 +235,26 @@ def make_train_step(config, graphdef, tx, autoencoder):
 # ------------------------------------------------------------------------------------------------
 
 
+def sample_prompts(config) -> list:
+  """What `write_samples` samples: `config.sample.prompts` (text) or `config.sample.labels` (classes)."""
+  if config.model.get('conditioning', 'text') == 'class':
+    return list(config.sample.get('labels', ()))
+  return list(config.sample.prompts)
+
+
 def write_samples(config, graphdef, params, autoencoder, step: int, workdir: str, writer) -> list[str]:
-  """Samples `config.sample.prompts` with the EMA parameters into WORKDIR/samples/STEP/."""
+  """Samples `sample_prompts(config)` with the EMA parameters into WORKDIR/samples/STEP/."""
   model = sample.Model(config, graphdef, params, autoencoder, step)
-  prompts = list(config.sample.prompts)
+  prompts = sample_prompts(config)
   videos = sample.generate(model, prompts, seed=config.seed)
   paths = []
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'samples', f'{step:08d}')
-    for i, (prompt, v) in enumerate(zip(prompts, videos)):
-      name = f'{i:02d}_' + prompt.replace(' ', '_')
+    names = [f'{i:02d}_' + (f'class_{p}' if isinstance(p, int) else p.replace(' ', '_')) for i, p in enumerate(prompts)]
+    for name, v in zip(names, videos):
       for suffix in ('.mp4', '.gif'):
         paths.append(video.write(os.path.join(out_dir, name + suffix), v, fps=config.sample.fps))
-    writer.videos(step, {f'samples/{i:02d}_' + p.replace(' ', '_'): v for i, (p, v) in enumerate(zip(prompts, videos))},
-                  fps=config.sample.fps)
+    writer.videos(step, {f'samples/{name}': v for name, v in zip(names, videos)}, fps=config.sample.fps)
   return paths
 
 
@@ -337,11 +373,8 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
       state = checkpoint.restore(mngr, start_step, abstract_state)
 
     # --- The jitted step: state donated, shardings explicit. ---
-    batch_shardings = {k: sharding.batch_sharding(mesh, nd, rules)
-                       for k, nd in (('video', 5), ('tokens', 2), ('token_mask', 2))}
-    step_fn = jax.jit(make_train_step(config, graphdef, tx, autoencoder),
-                      in_shardings=(shardings, batch_shardings),
-                      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    batch_shardings = {k: sharding.batch_sharding(mesh, nd, rules) for k, nd in batch_ndims(config).items()}
+    step_fn = jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings)
 
     # --- The loop. ---
     data_iter = pipeline.make_iterator(source, global_batch_size=config.batch_size, seed=config.data.seed,
@@ -399,7 +432,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
                        stop.received or 'preemption', done)
           return state
 
-      if config.sample.prompts and not stop.received:
+      if sample_prompts(config) and not stop.received:
         paths = write_samples(config, graphdef, state['ema'], autoencoder, done, workdir, writer)
         if paths:
           logging.info('samples written to %s', os.path.dirname(paths[0]))

@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The scripts import sora_jax from this checkout, installed or not.
+PYTHONPATH = os.pathsep.join([ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
 
 
 def test_benchmark_prints_step_time_flops_and_mfu_of_the_real_step():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', PYTHONPATH=PYTHONPATH)
   result = subprocess.run(
       [sys.executable, 'experiments/benchmark.py', '--config=configs/shapes.py:tiny', '--steps=2',
        '--warmup=1', '--config.model.width=64', '--config.model.num_heads=2', '--config.mesh.fsdp=2',
@@ -26,7 +28,7 @@ def test_benchmark_prints_step_time_flops_and_mfu_of_the_real_step():
 
 
 def test_analyze_only_shows_fsdp_dividing_the_state_per_device_without_allocating():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', PYTHONPATH=PYTHONPATH)
   plans = {}
   for mesh in ('dp', 'fsdp'):
     result = subprocess.run(
@@ -34,7 +36,7 @@ def test_analyze_only_shows_fsdp_dividing_the_state_per_device_without_allocatin
          '--analyze_only'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     plans[mesh] = json.loads(result.stdout.splitlines()[-1])
-  dp, fsdp = plans['dp']['state_bytes_per_device'], plans['fsdp']['state_bytes_per_device']
+  dp, fsdp = plans['dp']['per_device_bytes'], plans['fsdp']['per_device_bytes']
   assert dp['params'] == dp['ema'] == plans['dp']['num_params'] * 4  # replicated float32
   assert dp['opt_state'] > 2 * dp['params']  # two Adam moments
   for item in ('params', 'opt_state', 'ema'):

@@ -26,7 +26,7 @@ def setup_step(config, devices):
   tx = optim.make_optimizer(config.optim, config.total_steps)
   graphdef, abstract, shardings = train.state_shardings(config, mesh, tx)
   ae = train.sample.abstract_model(config)[2]
-  batch_sh = {k: sharding.batch_sharding(mesh, nd, rules) for k, nd in (('video', 5), ('tokens', 2), ('token_mask', 2))}
+  batch_sh = {k: sharding.batch_sharding(mesh, nd, rules) for k, nd in train.batch_ndims(config).items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = train.create_state(config, ae.channels, tx, shardings)
     step = jax.jit(train.make_train_step(config, graphdef, tx, ae), in_shardings=(shardings, batch_sh),
@@ -176,7 +176,7 @@ def test_remat_and_gradient_accumulation_give_the_plain_gradients(tiny_config):
   rng = np.random.default_rng(0)
   x0 = jnp.asarray(batch['video'], jnp.float32) / 127.5 - 1
   inputs = (x0, jnp.asarray(rng.normal(size=x0.shape), jnp.float32), jnp.linspace(0.05, 1.0, 8),
-            jnp.asarray(batch['tokens']), jnp.asarray(batch['token_mask']))
+            dict(tokens_bl=jnp.asarray(batch['tokens']), token_mask_bl=jnp.asarray(batch['token_mask'])))
 
   def loss_and_grads():
     graphdef, params = nnx.split(dit.from_config(config.model, 3, nnx.Rngs(0)), nnx.Param)

@@ -57,14 +57,16 @@ class SkipBadRecords:
 
 
 def to_example(record, max_text_len: int) -> dict:
-  """A TFDS record -> {'video': uint8 [T, H, W, 3], 'tokens': int32 [l], 'token_mask': bool [l]}."""
+  """A TFDS record -> {'video': uint8 [T, H, W, 3], 'tokens': int32 [l], 'token_mask': bool [l],
+  'label': int32 []} (the class, for class-conditional models; `shapes.class_label`)."""
   caption = record['caption']
   caption = caption.decode('utf-8') if isinstance(caption, bytes) else str(caption)
   video = np.asarray(record['video'])
   if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
     raise ValueError(f'video of dtype {video.dtype} and shape {video.shape}, expected uint8 [T, H, W, 3]')
   tokens, mask = text.tokenize([caption], max_text_len)
-  return {'video': video, 'tokens': tokens[0], 'token_mask': mask[0]}
+  label = shapes.class_label(record['color'], record['shape'], record['direction'])
+  return {'video': video, 'tokens': tokens[0], 'token_mask': mask[0], 'label': np.int32(label)}
 
 
 def data_source(data_config, split: str):

@@ -33,6 +33,11 @@ COLOR_NAMES = tuple(COLORS)
 DIRECTION_NAMES = tuple(DIRECTIONS)
 
 
+def class_label(color: int, shape: int, direction: int) -> int:
+  """The record's class for class-conditional models: one of 7 x 3 x 4 = 84 (color, shape, direction)."""
+  return (int(color) * len(SHAPES) + int(shape)) * len(DIRECTIONS) + int(direction)
+
+
 def caption(color: str, shape: str, direction: str) -> str:
   return f'a {color} {shape} moving {direction}'
 
