@@ -204,7 +204,7 @@ def make_train_step(config, graphdef, tx, autoencoder):
     x0 = autoencoder.encode(batch['video'].astype(jnp.float32) / 127.5 - 1.0)
     b = x0.shape[0]
     drop = jax.random.uniform(r_drop, (b, 1)) < obj.caption_dropout  # the unconditional share
-    if 'label' in batch:  # class-conditional: dropped labels become the null class
+    if config.model.get('conditioning', 'text') == 'class':  # dropped labels become the null class
       cond = dict(labels_b=jnp.where(drop[:, 0], config.model.num_classes, batch['label']))
     else:
       cond = dict(tokens_bl=jnp.where(drop, null_tokens, batch['tokens']),

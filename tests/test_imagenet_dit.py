@@ -253,12 +253,16 @@ def test_every_class_model_parameter_has_logical_names_with_sharding_rules():
 
 
 def test_configs_pass_the_trainers_validation():
-  from sora_jax import train
+  from sora_jax import UsageError, train
   for variant in ('S/2', 'XL/2'):
     config = imagenet_dit.get_config(variant + ',mesh=fsdp')
-    train.validate_config(config, 8)
     assert config.model.conditioning == 'class' and config.batch_size == 256
     assert (config.data.frames, config.data.height, config.data.width, config.model.channels) == (1, 32, 32, 4)
+    # 4 latent channels need a VAE; until then the pixel autoencoder's 3 must be asked for.
+    with pytest.raises(UsageError, match=r'config.model.channels=4 .* pass --config.model.channels=3'):
+      train.validate_config(config, 8)
+    config.model.channels = 3
+    train.validate_config(config, 8)
   with pytest.raises(ValueError, match='unknown variant'):
     imagenet_dit.get_config('XL/3')
 

@@ -67,15 +67,11 @@ def test_two_processes_reproduce_one_and_checkpoints_move_between_process_counts
   # The same global batch at every step, whatever the process count (measured gap ~1e-7).
   np.testing.assert_allclose(losses(two), reference, rtol=1e-4)
 
-  # Written by 2 processes, resumed by 1; and written by 1, resumed by 2: steps 5 and 6 as if uninterrupted.
+  # Written by 2 processes, resumed by 1: steps 5 and 6 as if uninterrupted (the SIGTERM test resumes on 2).
   roll_back_to(two, 4)
   out = run_one_process(flags(data_dir, two)).stderr
   assert 'at step 4' in out
   np.testing.assert_allclose(losses(two), reference, rtol=1e-4)
-  roll_back_to(one, 4)
-  out = run_launcher(flags(data_dir, one), tmp_path / 'logs')
-  assert 'at step 4' in out
-  np.testing.assert_allclose(losses(one), reference, rtol=1e-4)
 
 
 def wait_for(pattern, path, timeout=300):
