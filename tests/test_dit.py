@@ -89,3 +89,17 @@ def test_analytic_forward_flops_match_xla_cost_analysis_within_10_percent():
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   analytic = dit.forward_flops_per_sample(config.model, (d.frames, d.height, d.width), 3, d.max_text_len)
   assert 0.9 < analytic / cost['flops'] < 1.1, (analytic, cost['flops'])
+
+
+def test_the_30M_cpu_config_has_about_30M_parameters_and_is_valid():
+  import math
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import shapes as shapes_config
+  from sora_jax import sample, train
+  config = shapes_config.get_config('30M')
+  train.validate_config(config, 8)
+  params = sample.abstract_model(config)[1]
+  count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  assert 27e6 < count < 33e6, count
