@@ -56,7 +56,7 @@ def conditioning(config, prompts: list) -> tuple[dict, dict]:
   take class indices (ints, or strings of digits from a command line; the null class is
   `config.model.num_classes`).
   """
-  if config.model.get('conditioning', 'text') == 'class':
+  if dit.is_class_conditional(config.model):
     n = config.model.num_classes
     try:
       labels = [int(p) for p in prompts]
@@ -89,10 +89,9 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
     raise UsageError(f'stochasticity={stochasticity}: use a value in [0, 1]')
   cond, null_cond = conditioning(cfg, list(prompts))
   shape = model.autoencoder.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
-  channels = cfg.model.get('channels') or model.autoencoder.channels
   key, sde_key = jax.random.split(jax.random.key(seed))
   # One noise per prompt index, so a prompt's video does not depend on the batch around it.
-  noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (*shape, channels)))(
+  noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (*shape, model.autoencoder.channels)))(
       jnp.arange(len(prompts)))
   rng_b = jax.vmap(lambda i: jax.random.fold_in(sde_key, i))(jnp.arange(len(prompts)))
   latents = _sample_latents(model.params, model.graphdef, noise, cond, null_cond, guidance_scale, time_shift,

@@ -87,7 +87,7 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
     raise UsageError(f'config.model.dtype={m.dtype!r}: use "float32" or "bfloat16"')
   if m.get('conditioning', 'text') not in dit.CONDITIONING:
     raise UsageError(f'config.model.conditioning={m.conditioning!r}: use one of {dit.CONDITIONING}')
-  if m.get('conditioning') == 'class' and not (isinstance(m.get('num_classes'), int) and m.num_classes > 0):
+  if dit.is_class_conditional(m) and not (isinstance(m.get('num_classes'), int) and m.num_classes > 0):
     raise UsageError(f'config.model.num_classes={m.get("num_classes")!r}: a class-conditional model needs '
                      f'a positive number of classes')
   channels = autoencoder_lib.make(config.autoencoder).channels
@@ -146,7 +146,7 @@ def create_state(config, channels: int, tx, shardings):
 
 def batch_ndims(config) -> dict[str, int]:
   """The input arrays a train step takes, by name, with their ranks (the leading axis is the batch)."""
-  if config.model.get('conditioning', 'text') == 'class':
+  if dit.is_class_conditional(config.model):
     return {'video': 5, 'label': 1}
   return {'video': 5, 'tokens': 2, 'token_mask': 2}
 
@@ -204,7 +204,7 @@ def make_train_step(config, graphdef, tx, autoencoder):
     x0 = autoencoder.encode(batch['video'].astype(jnp.float32) / 127.5 - 1.0)
     b = x0.shape[0]
     drop = jax.random.uniform(r_drop, (b, 1)) < obj.caption_dropout  # the unconditional share
-    if config.model.get('conditioning', 'text') == 'class':  # dropped labels become the null class
+    if dit.is_class_conditional(config.model):  # dropped labels become the null class
       cond = dict(labels_b=jnp.where(drop[:, 0], config.model.num_classes, batch['label']))
     else:
       cond = dict(tokens_bl=jnp.where(drop, null_tokens, batch['tokens']),
@@ -237,7 +237,7 @@ def make_train_step(config, graphdef, tx, autoencoder):
 
 def sample_prompts(config) -> list:
   """What `write_samples` samples: `config.sample.prompts` (text) or `config.sample.labels` (classes)."""
-  if config.model.get('conditioning', 'text') == 'class':
+  if dit.is_class_conditional(config.model):
     return list(config.sample.get('labels', ()))
   return list(config.sample.prompts)
 

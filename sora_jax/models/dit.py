@@ -257,6 +257,11 @@ class DiT(nnx.Module):
     return unpatchify(out_bsp, self.patch, grid, c).astype(jnp.float32)
 
 
+def is_class_conditional(model_config) -> bool:
+  """Whether `config.model` is a class-conditional DiT (labels) rather than a text one (the default)."""
+  return model_config.get('conditioning', 'text') == 'class'
+
+
 def from_config(model_config, channels: int, rngs: nnx.Rngs) -> DiT:
   """The DiT described by `config.model` for a latent with `channels` channels (the autoencoder's),
   unless `config.model.channels` names another count.
@@ -300,7 +305,7 @@ def forward_flops_per_sample(model_config, latent_thw: tuple[int, int, int], cha
 
   cond = 2 * 256 * d + 2 * d * d
   block = 2 * d * 6 * d + attention(s, s, d, d) + 2 * 2 * s * d * f
-  if m.get('conditioning', 'text') == 'text':
+  if not is_class_conditional(m):
     l, e = text_len, m.text_width
     text = m.text_depth * (attention(l, l, e, e) + 2 * 2 * l * e * 4 * e) + 2 * l * e * d
     if m.pooled_text:
