@@ -22,9 +22,14 @@ setup(
         'pillow',  # GIFs
         'av>=14',  # mp4 via PyAV, which bundles FFmpeg
         'tensorboardX',  # TensorBoard events without TensorFlow
+        'safetensors',  # pretrained weights (T5/UMT5 text encoders)
+        'sentencepiece',  # T5 tokenizers (spiece.model)
+        'tokenizers',  # T5 tokenizers saved as tokenizer.json only
     ],
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist'],
+        # torch + transformers build the random reference models that pretrained-weight loaders are
+        # checked against (no download); torch 2.13.0 installs from a local wheel here.
+        'test': ['pytest>=8', 'pytest-xdist', 'torch==2.13.0', 'transformers>=5', 'protobuf'],
         # libtpu: compile the real train step for a TPU slice ahead of time, on any machine
         # (experiments/benchmark.py --analyze_only --topology=v5p:4x4x4)
         'tpu': ['jax[tpu]'],

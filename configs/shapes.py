@@ -74,6 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       worker_count=0,  # grain worker processes; 0 reads in the training process
   )
   config.autoencoder = dict(kind='identity')
+  # 'byte': the small byte-level encoder inside the DiT, trained with it (fits the synthetic world).
+  # 't5': a frozen T5 / UMT5 from a local Hugging Face folder, e.g. --config.text_encoder.kind=t5
+  # --config.text_encoder.path=/models/umt5-xxl --config.data.max_text_len=128 (its token length).
+  config.text_encoder = dict(kind='byte', path=ml_collections.config_dict.placeholder(str), dtype='float32')
 
   config.model = dict(
       patch=(2, 8, 8),  # (t, h, w)

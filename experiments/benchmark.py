@@ -52,6 +52,7 @@ from ml_collections import config_flags
 
 from sora_jax import UsageError, optim, sample, sharding, train
 from sora_jax.models import dit
+import sora_jax.text as text_lib
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py[:variant]).',
                                 lock_config=True)
@@ -168,6 +169,9 @@ class Step:
 def build_step(config, devices) -> Step:
   """Validates `config` for `devices` and builds the jitted step's inputs; allocates nothing."""
   train.validate_config(config, len(devices))
+  if text_lib.is_frozen(config):  # its weights would have to be loaded (not AOT-able) and its FLOPs counted
+    raise UsageError(f'config.text_encoder.kind={config.text_encoder.kind!r}: the benchmark times DiTs with the '
+                     f'byte encoder; use --config.text_encoder.kind=byte (a frozen encoder costs one forward pass)')
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   rules = sharding.rules_tuple(config.sharding_rules)
   tx = optim.make_optimizer(config.optim, config.total_steps)
@@ -230,7 +234,7 @@ def analyze(step: Step, step_fn, hbm_bytes: int | None):
   result = {}
   start = time.perf_counter()
   try:
-    compiled = step_fn.lower(step.abstract_state, step.abstract_batch).compile()
+    compiled = step_fn.lower(step.abstract_state, step.abstract_batch, {}).compile()
   except Exception as e:  # XLA refuses a program larger than the device's memory at compile time
     oom = out_of_memory(e)
     if oom is None:
@@ -289,12 +293,12 @@ def measure(config, analyze_only: bool, topology: str | None = None) -> dict:
     state = train.create_state(config, step.autoencoder.channels, step.tx, step.shardings)
     batch = random_batch(config, step.batch_shardings)
     for _ in range(max(FLAGS.warmup, 1)):
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, batch, {})
     jax.block_until_ready(metrics)
     logging.info('timing %d steps', FLAGS.steps)
     start = time.perf_counter()
     for _ in range(FLAGS.steps):
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, batch, {})
     jax.block_until_ready((state, metrics))
     step_time = (time.perf_counter() - start) / FLAGS.steps
 

@@ -23,17 +23,21 @@ from flax import nnx
 from sora_jax import UsageError, checkpoint, ensure_writable_dir, sharding, video
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.models import autoencoder as autoencoder_lib
-from sora_jax.models import dit, text
+from sora_jax.models import dit
+import sora_jax.text as text_lib
+from sora_jax.text import byte as text
 
 
 @dataclasses.dataclass
 class Model:
-  """What sampling needs: the config, the DiT's graph and (EMA) parameters, the autoencoder."""
+  """What sampling needs: the config, the DiT's graph and (EMA) parameters, the autoencoder, and
+  the frozen text encoder (None: the DiT's own byte encoder)."""
   config: ml_collections.ConfigDict
   graphdef: nnx.GraphDef
   params: dict
   autoencoder: object
   step: int = 0
+  text_encoder: object = None
 
 
 @partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction', 'stochasticity'))
@@ -49,14 +53,17 @@ def _sample_latents(params, graphdef, noise, cond, null_cond, guidance_scale, ti
   return rf.sample(fn, noise, num_steps=num_steps, shift=time_shift, stochasticity=stochasticity, rng_b=rng_b)
 
 
-def conditioning(config, prompts: list) -> tuple[dict, dict]:
+def conditioning(config, prompts: list, text_encoder=None, negative_prompt: str | None = None) -> tuple[dict, dict]:
   """The DiT keywords for `prompts` and for the unconditional branch of guidance.
 
-  Text models take captions (the null condition is the empty caption); class-conditional models
-  take class indices (ints, or strings of digits from a command line; the null class is
-  `config.model.num_classes`).
+  Text models take captions; the unconditional branch sees the empty caption, as the dropped
+  captions of training did, or `negative_prompt`, which guidance then steers away from. With a
+  frozen `text_encoder` (T5) the keywords are its embeddings. Class-conditional models take class
+  indices (ints, or strings of digits from a command line; the null class is `config.model.num_classes`).
   """
   if dit.is_class_conditional(config.model):
+    if negative_prompt is not None:
+      raise UsageError('a class-conditional model takes no negative prompt')
     n = config.model.num_classes
     try:
       labels = [int(p) for p in prompts]
@@ -65,17 +72,25 @@ def conditioning(config, prompts: list) -> tuple[dict, dict]:
     if not all(0 <= label < n for label in labels):
       raise UsageError(f'class labels {labels}: use indices in [0, {n})')
     return (dict(labels_b=np.asarray(labels, np.int32)), dict(labels_b=np.full(len(labels), n, np.int32)))
-  tokens, mask = text.tokenize([str(p) for p in prompts], config.data.max_text_len)
-  null_tokens, null_mask = text.tokenize([''] * len(prompts), config.data.max_text_len)
+  prompts = [str(p) for p in prompts]
+  negative = [negative_prompt or ''] * len(prompts)
+  if text_encoder is not None:
+    (text_bld, mask_bl), (null_bld, null_mask_bl) = text_encoder.encode(prompts), text_encoder.encode(negative)
+    return dict(text_bld=text_bld, text_mask_bl=mask_bl), dict(text_bld=null_bld, text_mask_bl=null_mask_bl)
+  if text_lib.is_frozen(config):
+    raise UsageError(f'config.text_encoder.kind={config.text_encoder.kind!r}: pass the loaded text encoder')
+  tokens, mask = text.tokenize(prompts, config.data.max_text_len)
+  null_tokens, null_mask = text.tokenize(negative, config.data.max_text_len)
   return dict(tokens_bl=tokens, token_mask_bl=mask), dict(tokens_bl=null_tokens, token_mask_bl=null_mask)
 
 
 def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | None = None,
              guidance_scale: float | None = None, time_shift: float | None = None,
-             stochasticity: float | None = None) -> np.ndarray:
+             stochasticity: float | None = None, negative_prompt: str | None = None) -> np.ndarray:
   """uint8 videos [len(prompts), T, H, W, 3]; unset options come from `config.sample`.
 
-  `prompts` are captions, or class indices for a class-conditional model.
+  `prompts` are captions, or class indices for a class-conditional model. `negative_prompt`
+  replaces the empty caption in the unconditional branch of guidance (see `conditioning`).
   """
   cfg = model.config
   num_steps = num_steps or cfg.sample.num_steps
@@ -87,7 +102,7 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
     raise UsageError(f'steps={num_steps}: need at least one sampling step')
   if not 0 <= stochasticity <= 1:
     raise UsageError(f'stochasticity={stochasticity}: use a value in [0, 1]')
-  cond, null_cond = conditioning(cfg, list(prompts))
+  cond, null_cond = conditioning(cfg, list(prompts), model.text_encoder, negative_prompt)
   shape = model.autoencoder.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
   key, sde_key = jax.random.split(jax.random.key(seed))
   # One noise per prompt index, so a prompt's video does not depend on the batch around it.
@@ -103,7 +118,8 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
 def abstract_model(config):
   """The DiT's graph and abstract parameters (no memory) for a config."""
   ae = autoencoder_lib.make(config.autoencoder)
-  abstract = nnx.eval_shape(lambda: dit.from_config(config.model, ae.channels, nnx.Rngs(0)))
+  text_dim = text_lib.text_dim(config)
+  abstract = nnx.eval_shape(lambda: dit.from_config(config.model, ae.channels, nnx.Rngs(0), text_dim))
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
   return graphdef, abstract_params, ae
 
@@ -127,7 +143,8 @@ def load(workdir: str, step: int | None = None) -> Model:
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings)
   params = checkpoint.restore_ema(mngr, step, target)
   mngr.close()
-  return Model(config, graphdef, params, ae, step)
+  text_encoder = text_lib.from_config(config, mesh, sharding.rules_tuple(config.sharding_rules))
+  return Model(config, graphdef, params, ae, step, text_encoder)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,6 +165,8 @@ def define_flags():
   flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
   flags.DEFINE_float('stochasticity', None, 'Share of fresh noise per step, 0 (deterministic flow) to 1 '
                      '(default: config).')
+  flags.DEFINE_string('negative_prompt', None, 'What guidance steers away from (text models; default: '
+                      'the empty caption).')
   flags.DEFINE_integer('seed', 0, 'Noise seed.')
   flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step to use (default: latest).')
   flags.DEFINE_integer('upscale', 1, 'Repeat pixels this many times in the written video.')
@@ -170,7 +189,8 @@ def main(argv):
     paths = output_paths(FLAGS.out, len(FLAGS.prompt))
     model = load(FLAGS.workdir, FLAGS.checkpoint_step)
     videos = generate(model, FLAGS.prompt, seed=FLAGS.seed, num_steps=FLAGS.steps,
-                      guidance_scale=FLAGS.guidance_scale, stochasticity=FLAGS.stochasticity)
+                      guidance_scale=FLAGS.guidance_scale, stochasticity=FLAGS.stochasticity,
+                      negative_prompt=FLAGS.negative_prompt)
     for prompt, path, v in zip(FLAGS.prompt, paths, videos):
       try:
         video.write(path, v, fps=model.config.sample.fps, upscale=FLAGS.upscale)

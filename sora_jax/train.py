@@ -24,7 +24,9 @@ from sora_jax import UsageError, checkpoint, ensure_writable_dir, metrics, optim
 from sora_jax.data import pipeline
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.models import autoencoder as autoencoder_lib
-from sora_jax.models import dit, layers, text
+from sora_jax.models import dit, layers
+import sora_jax.text as text_lib
+from sora_jax.text import byte as text
 from sora_jax.models.axes import constrain
 
 
@@ -94,6 +96,10 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   if m.get('channels') and m.channels != channels:
     raise UsageError(f'config.model.channels={m.channels} but config.autoencoder.kind='
                      f'{config.autoencoder.kind!r} gives {channels}: pass --config.model.channels={channels}')
+  text_lib.validate(config)
+  if text_lib.is_frozen(config) and dit.is_class_conditional(m):
+    raise UsageError(f'config.text_encoder.kind={config.text_encoder.kind!r} with a class-conditional model: '
+                     f'use config.text_encoder.kind="byte" (unused) or config.model.conditioning="text"')
   if m.get('sequence_parallel', 'all_to_all') not in layers.SEQUENCE_PARALLEL:
     raise UsageError(f'config.model.sequence_parallel={m.sequence_parallel!r}: use one of {layers.SEQUENCE_PARALLEL}')
   return sizes
@@ -132,7 +138,7 @@ def create_state(config, channels: int, tx, shardings):
   """Initialises parameters directly into their shards: no device holds the full model."""
 
   def init():
-    model = dit.from_config(config.model, channels, nnx.Rngs(config.seed))
+    model = dit.from_config(config.model, channels, nnx.Rngs(config.seed), text_lib.text_dim(config))
     params = nnx.state(model, nnx.Param).to_pure_dict()
     return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=params)
 
@@ -151,19 +157,28 @@ def batch_ndims(config) -> dict[str, int]:
   return {'video': 5, 'tokens': 2, 'token_mask': 2}
 
 
-def jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings):
-  """The jitted train step (state, batch) -> (state, metrics): explicit shardings, the state donated.
+def frozen_params(text_encoder) -> dict:
+  """The train step's third argument: parameters it uses but never updates ({} or {'text': ...})."""
+  return {} if text_encoder is None else {'text': text_encoder.params}
+
+
+def jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings, text_encoder=None):
+  """The jitted train step (state, batch, frozen) -> (state, metrics): explicit shardings, the state
+  donated; `frozen` is `frozen_params(text_encoder)`, kept in the shardings it was loaded with.
 
   The one definition that training and `experiments/benchmark.py` (timing, AOT compiles) share.
   """
-  return jax.jit(make_train_step(config, graphdef, tx, autoencoder), in_shardings=(shardings, batch_shardings),
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen_params(text_encoder))
+  return jax.jit(make_train_step(config, graphdef, tx, autoencoder, text_encoder),
+                 in_shardings=(shardings, batch_shardings, frozen_shardings),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def make_loss_and_grads(config, graphdef):
   """(params, x0, noise, t, cond) -> (mean loss, grads), in `config.grad_accum_steps` micro-batches.
 
-  `cond` holds the DiT's conditioning keywords (`tokens_bl` and `token_mask_bl`, or `labels_b`).
+  `cond` holds the DiT's conditioning keywords (`tokens_bl` and `token_mask_bl`, `text_bld` and
+  `text_mask_bl`, or `labels_b`).
   Micro-batch i takes samples i, i + m, i + 2m, ... so that every data-parallel shard feeds every
   micro-batch; equal sizes make the mean of micro-batch means the full-batch mean.
   """
@@ -193,12 +208,17 @@ def make_loss_and_grads(config, graphdef):
   return loss_and_grads
 
 
-def make_train_step(config, graphdef, tx, autoencoder):
+def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
+  """(state, batch, frozen) -> (state, metrics). With a frozen `text_encoder` (T5), `batch['tokens']`
+  are its token ids and the step encodes them (no gradient); else the DiT's byte encoder trains."""
   obj = config.objective
-  null_tokens, null_mask = text.tokenize([''], config.data.max_text_len)
+  if text_encoder is not None:
+    null_tokens, null_mask = text_encoder.tokenize([''])
+  else:
+    null_tokens, null_mask = text.tokenize([''], config.data.max_text_len)
   loss_and_grads = make_loss_and_grads(config, graphdef)
 
-  def train_step(state, batch):
+  def train_step(state, batch, frozen):
     rng = jax.random.fold_in(jax.random.key(config.seed), state['step'])  # no RNG state to save
     r_noise, r_time, r_drop = jax.random.split(rng, 3)
     x0 = autoencoder.encode(batch['video'].astype(jnp.float32) / 127.5 - 1.0)
@@ -206,9 +226,14 @@ def make_train_step(config, graphdef, tx, autoencoder):
     drop = jax.random.uniform(r_drop, (b, 1)) < obj.caption_dropout  # the unconditional share
     if dit.is_class_conditional(config.model):  # dropped labels become the null class
       cond = dict(labels_b=jnp.where(drop[:, 0], config.model.num_classes, batch['label']))
-    else:
-      cond = dict(tokens_bl=jnp.where(drop, null_tokens, batch['tokens']),
-                  token_mask_bl=jnp.where(drop, null_mask, batch['token_mask']))
+    else:  # dropped captions become the empty caption, exactly what sampling's null branch sees
+      tokens_bl = jnp.where(drop, null_tokens, batch['tokens'])
+      token_mask_bl = jnp.where(drop, null_mask, batch['token_mask'])
+      if text_encoder is not None:
+        text_bld, text_mask_bl = text_encoder.apply(frozen['text'], tokens_bl, token_mask_bl)
+        cond = dict(text_bld=jax.lax.stop_gradient(text_bld), text_mask_bl=text_mask_bl)
+      else:
+        cond = dict(tokens_bl=tokens_bl, token_mask_bl=token_mask_bl)
     noise = jax.random.normal(r_noise, x0.shape)
     t = rf.sample_time(r_time, b, mean=obj.time_mean, std=obj.time_std, shift=obj.time_shift,
                        high_noise_fraction=obj.high_noise_fraction, high_noise_min=obj.high_noise_min)
@@ -242,9 +267,10 @@ def sample_prompts(config) -> list:
   return list(config.sample.prompts)
 
 
-def write_samples(config, graphdef, params, autoencoder, step: int, workdir: str, writer) -> list[str]:
+def write_samples(config, graphdef, params, autoencoder, step: int, workdir: str, writer,
+                  text_encoder=None) -> list[str]:
   """Samples `sample_prompts(config)` with the EMA parameters into WORKDIR/samples/STEP/."""
-  model = sample.Model(config, graphdef, params, autoencoder, step)
+  model = sample.Model(config, graphdef, params, autoencoder, step, text_encoder)
   prompts = sample_prompts(config)
   videos = sample.generate(model, prompts, seed=config.seed)
   paths = []
@@ -275,7 +301,8 @@ def prepare_workdir(workdir: str, overwrite: bool) -> None:
 
 
 # Fields that change neither the parameters nor the data: a run may resume with other values.
-RESUMABLE_CHANGES = ('data_dir', 'worker_count', 'remat', 'attention_impl', 'sequence_parallel', 'dtype')
+# A text encoder's `path` may move (a renamed copy); its width is checked when the DiT restores.
+RESUMABLE_CHANGES = ('data_dir', 'worker_count', 'remat', 'attention_impl', 'sequence_parallel', 'dtype', 'path')
 
 
 def check_workdir(config, workdir: str, has_checkpoint: bool) -> None:
@@ -286,7 +313,9 @@ def check_workdir(config, workdir: str, has_checkpoint: bool) -> None:
   with open(path) as f:
     old = json.load(f)
   new = json.loads(config.to_json_best_effort())
-  for section in ('model', 'autoencoder', 'data'):
+  for run in (old, new):  # runs from before the option used the byte encoder
+    run['text_encoder'] = run.get('text_encoder') or {'kind': 'byte'}
+  for section in ('model', 'autoencoder', 'data', 'text_encoder'):
     for key in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
       before, after = old.get(section, {}).get(key), new.get(section, {}).get(key)
       if before != after and key not in RESUMABLE_CHANGES:
@@ -355,7 +384,8 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
       pipeline.data_source(config.data, 'train')
     multihost_utils.sync_global_devices('dataset ready')
   source = pipeline.SkipBadRecords(pipeline.data_source(config.data, 'train'), config.data.max_text_len,
-                                   name=f'config.data.name={config.data.name!r} (train)')
+                                   name=f'config.data.name={config.data.name!r} (train)',
+                                   tokenize=text_lib.tokenizer_from_config(config))
 
   # --- Model, optimizer and sharded state. ---
   tx = optim.make_optimizer(config.optim, config.total_steps)
@@ -372,9 +402,13 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
       logging.info('resuming from %s at step %d', mngr.directory, start_step)
       state = checkpoint.restore(mngr, start_step, abstract_state)
 
+    # --- A frozen text encoder (T5), sharded by the same rules; None for the byte encoder. ---
+    text_encoder = text_lib.from_config(config, mesh, rules)
+    frozen = frozen_params(text_encoder)
+
     # --- The jitted step: state donated, shardings explicit. ---
     batch_shardings = {k: sharding.batch_sharding(mesh, nd, rules) for k, nd in batch_ndims(config).items()}
-    step_fn = jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings)
+    step_fn = jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings, text_encoder)
 
     # --- The loop. ---
     data_iter = pipeline.make_iterator(source, global_batch_size=config.batch_size, seed=config.data.seed,
@@ -395,7 +429,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
       for step in range(start_step, config.total_steps):
         local = next(data_iter)
         batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], local[k]) for k in batch_shardings}
-        state, step_metrics = step_fn(state, batch)
+        state, step_metrics = step_fn(state, batch, frozen)
         pending.append(step_metrics)
         done = step + 1
         is_log_step = done % config.log_every_steps == 0 or done == config.total_steps
@@ -433,7 +467,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
           return state
 
       if sample_prompts(config) and not stop.received:
-        paths = write_samples(config, graphdef, state['ema'], autoencoder, done, workdir, writer)
+        paths = write_samples(config, graphdef, state['ema'], autoencoder, done, workdir, writer, text_encoder)
         if paths:
           logging.info('samples written to %s', os.path.dirname(paths[0]))
     finally:

@@ -25,3 +25,40 @@ def tiny_config(data_dir):
   config = shapes_config.get_config('tiny')
   config.data.data_dir = data_dir
   return config
+
+
+T5_TRAINING_TEXT = (
+    'a red circle moving right', 'a green square moving up', 'a blue triangle moving left',
+    'the quick brown fox jumps over the lazy dog', 'video of a cat playing piano in the snow',
+    'Sora generates videos from text prompts', 'hello world 123')
+
+
+@pytest.fixture(scope='session')
+def t5_dirs(tmp_path_factory):
+  """Small random `T5EncoderModel` and `UMT5EncoderModel` folders in the Hugging Face layout, with a
+  sentencepiece tokenizer trained here ({'t5': path, 'umt5': path}); no download."""
+  import io
+
+  import sentencepiece as spm
+  import torch
+  import transformers
+
+  spiece = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(T5_TRAINING_TEXT * 20), model_writer=spiece,
+                                 vocab_size=56, hard_vocab_limit=False, model_type='unigram',
+                                 pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+                                 minloglevel=2)
+  dirs = {}
+  for kind, model_cls, config_cls in (('t5', transformers.T5EncoderModel, transformers.T5Config),
+                                      ('umt5', transformers.UMT5EncoderModel, transformers.UMT5Config)):
+    path = tmp_path_factory.mktemp(kind)
+    (path / 'spiece.model').write_bytes(spiece.getvalue())
+    torch.manual_seed(0)
+    # 8 buckets up to distance 20: prompts of 16+ tokens reach the log-spaced buckets.
+    model = model_cls(config_cls(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4,
+                                 feed_forward_proj='gated-gelu', relative_attention_num_buckets=8,
+                                 relative_attention_max_distance=20))
+    model.save_pretrained(path)
+    transformers.T5Tokenizer.from_pretrained(path).save_pretrained(path)
+    dirs[kind] = str(path)
+  return dirs

@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax.models import dit, text
+from sora_jax.models import dit
+from sora_jax.text import byte as text
 
 
 def small_dit(**kw):

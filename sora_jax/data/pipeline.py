@@ -17,7 +17,7 @@ from absl import logging
 
 from sora_jax import UsageError
 from sora_jax.data import shapes
-from sora_jax.models import text
+from sora_jax.text import byte as text
 
 
 class SkipBadRecords:
@@ -28,11 +28,12 @@ class SkipBadRecords:
   raises instead of spinning forever.
   """
 
-  def __init__(self, source, max_text_len: int, name: str = 'the dataset'):
+  def __init__(self, source, max_text_len: int, name: str = 'the dataset', tokenize=text.tokenize):
     if not len(source):
       raise UsageError(f'{name} has no records')
     self.source = source
     self.max_text_len = max_text_len
+    self.tokenize = tokenize
     self.name = name
     self.skipped = 0
     self._lock = threading.Lock()  # grain reads records from several threads
@@ -44,7 +45,7 @@ class SkipBadRecords:
     for offset in range(len(self.source)):
       i = (index + offset) % len(self.source)
       try:
-        return to_example(self.source[i], self.max_text_len)
+        return to_example(self.source[i], self.max_text_len, self.tokenize)
       except Exception as e:  # noqa: BLE001 -- any broken record is skipped, never fatal
         with self._lock:
           self.skipped += 1
@@ -56,15 +57,19 @@ class SkipBadRecords:
                      f'(record {index}: {type(error).__name__}: {error})') from None
 
 
-def to_example(record, max_text_len: int) -> dict:
+def to_example(record, max_text_len: int, tokenize=text.tokenize) -> dict:
   """A TFDS record -> {'video': uint8 [T, H, W, 3], 'tokens': int32 [l], 'token_mask': bool [l],
-  'label': int32 []} (the class, for class-conditional models; `shapes.class_label`)."""
+  'label': int32 []} (the class, for class-conditional models; `shapes.class_label`).
+
+  `tokenize(texts, max_len) -> (ids, mask)` is the text encoder's: bytes by default, T5's
+  sentencepiece for a frozen encoder (`sora_jax.text.tokenizer_from_config`).
+  """
   caption = record['caption']
   caption = caption.decode('utf-8') if isinstance(caption, bytes) else str(caption)
   video = np.asarray(record['video'])
   if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
     raise ValueError(f'video of dtype {video.dtype} and shape {video.shape}, expected uint8 [T, H, W, 3]')
-  tokens, mask = text.tokenize([caption], max_text_len)
+  tokens, mask = tokenize([caption], max_text_len)
   label = shapes.class_label(record['color'], record['shape'], record['direction'])
   return {'video': video, 'tokens': tokens[0], 'token_mask': mask[0], 'label': np.int32(label)}
 

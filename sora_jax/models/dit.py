@@ -19,7 +19,7 @@ from flax import nnx
 
 from sora_jax.models import layers
 from sora_jax.models.axes import constrain, param
-from sora_jax.models.text import ByteTextEncoder
+from sora_jax.text.byte import ByteTextEncoder
 
 # ----------------------------------------------------------------------------------------------
 # Patchify (pure functions).
@@ -148,7 +148,9 @@ class DiT(nnx.Module):
   """Text-conditioned DiT that owns the built-in text encoder, so both train together; or with
   `conditioning='class'`, the class-conditional DiT of Peebles & Xie (2023).
 
-  Text:  __call__(x_bthwc, t_b, tokens_bl, token_mask_bl)
+  Text:  __call__(x_bthwc, t_b, tokens_bl, token_mask_bl) with the built-in byte encoder, or
+         __call__(x_bthwc, t_b, text_bld=..., text_mask_bl=...) with `text_dim` set: embeddings of
+         a frozen pretrained encoder (T5, `sora_jax.text`) computed outside the DiT.
   Class: __call__(x_bthwc, t_b, labels_b=labels_b), labels_b int [b] in [0, num_classes]; the
          label `num_classes` (`DiT.null_label`) is the null class for classifier-free guidance:
          callers drop labels to it in training and pass it for the unconditional branch.
@@ -169,7 +171,8 @@ class DiT(nnx.Module):
                dtype=jnp.float32, attention_impl: str | None = None,
                sequence_parallel: str = 'all_to_all', conditioning: str = 'text',
                num_classes: int | None = None, qk_norm: bool = True, qkv_bias: bool = False,
-               rope: bool = True, learn_sigma: bool = False, rngs: nnx.Rngs):
+               rope: bool = True, learn_sigma: bool = False, text_dim: int | None = None,
+               rngs: nnx.Rngs):
     self.patch = tuple(patch)
     self.channels = channels
     if conditioning not in CONDITIONING:
@@ -186,13 +189,14 @@ class DiT(nnx.Module):
       raise ValueError(f'remat={remat!r}: use one of {tuple(REMAT_POLICIES)}')
     self.remat = remat
     patch_values = math.prod(self.patch) * channels
-    if conditioning == 'text':
+    self.external_text = conditioning == 'text' and text_dim is not None
+    if conditioning == 'text' and not self.external_text:
       self.text_encoder = ByteTextEncoder(text_width, text_depth, text_heads, rngs=rngs, dtype=dtype)
     self.patch_embed = layers.Dense(patch_values, width, ('patch', 'embed'), rngs=rngs, dtype=dtype)
     self.time_mlp1 = layers.Dense(256, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
     self.time_mlp2 = layers.Dense(width, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
     if conditioning == 'text':
-      self.text_proj = layers.Dense(text_width, width, ('text_embed', 'embed'), rngs=rngs, dtype=dtype)
+      self.text_proj = layers.Dense(text_dim or text_width, width, ('text_embed', 'embed'), rngs=rngs, dtype=dtype)
     else:  # one row per class and a last one for the null class; DiT's init (normal, std 0.02)
       self.label_embedding = param(rngs, layers.init_normal(0.02), (num_classes + 1, width), ('classes', 'embed'))
     if self.pooled_text:  # attention pooling: learned queries pick the words that matter
@@ -218,14 +222,17 @@ class DiT(nnx.Module):
     text_bld, mask_bl = self.text_encoder(tokens_bl, mask_bl)
     return self.text_proj(text_bld), mask_bl
 
-  def __call__(self, x_bthwc, t_b, tokens_bl=None, token_mask_bl=None, *, labels_b=None):
+  def __call__(self, x_bthwc, t_b, tokens_bl=None, token_mask_bl=None, *, labels_b=None, text_bld=None,
+               text_mask_bl=None):
     b, T, H, W, c = x_bthwc.shape
     if c != self.channels:
       raise ValueError(f'the DiT was built for {self.channels} latent channels, got an input with {c}')
-    if self.conditioning == 'text' and (tokens_bl is None or token_mask_bl is None or labels_b is not None):
-      raise ValueError('a text-conditioned DiT takes (x, t, tokens, token_mask), not labels')
-    if self.conditioning == 'class' and (labels_b is None or tokens_bl is not None or token_mask_bl is not None):
-      raise ValueError('a class-conditional DiT takes (x, t, labels_b=labels), not text tokens')
+    given = {name for name, v in (('tokens', tokens_bl), ('token_mask', token_mask_bl), ('labels', labels_b),
+                                  ('text', text_bld), ('text_mask', text_mask_bl)) if v is not None}
+    wanted = ({'labels'} if self.conditioning == 'class' else
+              {'text', 'text_mask'} if self.external_text else {'tokens', 'token_mask'})
+    if given != wanted:
+      raise ValueError(f'this DiT takes {sorted(wanted)} as its condition, got {sorted(given)}')
     grid = (T // self.patch[0], H // self.patch[1], W // self.patch[2])
     pos_bs3 = jnp.broadcast_to(grid_positions(grid)[None], (b, math.prod(grid), 3))
     x_bsd = self.patch_embed(patchify(x_bthwc, self.patch))
@@ -237,9 +244,10 @@ class DiT(nnx.Module):
       x_bsd = x_bsd + sincos_position_embedding(pos_bsa, x_bsd.shape[-1]).astype(x_bsd.dtype)
     x_bsd = constrain(x_bsd, ('act_batch', 'act_seq', 'act_embed'))
     c_bd = self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t_b, 256))))
-    text_bld = text_mask_bl = None
     if self.conditioning == 'class':
       c_bd = c_bd + jnp.take(self.label_embedding[...], labels_b, axis=0).astype(c_bd.dtype)
+    elif self.external_text:
+      text_bld = self.text_proj(text_bld)
     else:
       text_bld, text_mask_bl = self.encode_text(tokens_bl, token_mask_bl)
     if self.pooled_text:  # a summary of the caption in the adaLN condition steers every token
@@ -262,9 +270,10 @@ def is_class_conditional(model_config) -> bool:
   return model_config.get('conditioning', 'text') == 'class'
 
 
-def from_config(model_config, channels: int, rngs: nnx.Rngs) -> DiT:
+def from_config(model_config, channels: int, rngs: nnx.Rngs, text_dim: int | None = None) -> DiT:
   """The DiT described by `config.model` for a latent with `channels` channels (the autoencoder's),
-  unless `config.model.channels` names another count.
+  unless `config.model.channels` names another count, and for the embeddings of a frozen text
+  encoder of width `text_dim` (`sora_jax.text.text_dim(config)`; None: the built-in byte encoder).
 
   Fields a config may leave out take the text model's defaults, so older configs and checkpoints
   build the same model: `conditioning` ('text'), `num_classes`, `qk_norm` (True), `qkv_bias`
@@ -282,17 +291,18 @@ def from_config(model_config, channels: int, rngs: nnx.Rngs) -> DiT:
              sequence_parallel=get('sequence_parallel', 'all_to_all'),
              conditioning=get('conditioning', 'text'), num_classes=get('num_classes', None),
              qk_norm=get('qk_norm', True), qkv_bias=get('qkv_bias', False), rope=get('rope', True),
-             learn_sigma=get('learn_sigma', False), rngs=rngs)
+             learn_sigma=get('learn_sigma', False), text_dim=text_dim, rngs=rngs)
 
 
 def forward_flops_per_sample(model_config, latent_thw: tuple[int, int, int], channels: int,
-                             text_len: int = 0) -> int:
+                             text_len: int = 0, text_dim: int | None = None) -> int:
   """Matmul FLOPs (2 per multiply-add, attention included) of one forward pass for one sample.
 
   Elementwise work (norms, RoPE, softmax, GELU) is left out, as in MFU conventions; a train
   step costs 3x this (the backward pass is two matmuls per forward matmul). The DiT paper's
   "Gflops" count multiply-adds: half of this. `text_len` is unused by a class-conditional model
-  (its label lookup costs no matmul); `channels` is the autoencoder's, as for `from_config`.
+  (its label lookup costs no matmul); `channels` is the autoencoder's, as for `from_config`. With a
+  frozen text encoder (`text_dim`), its forward pass is not counted: only the DiT's projection.
   """
   m = model_config
   s = math.prod(n // p for n, p in zip(latent_thw, m.patch))  # spacetime tokens
@@ -307,7 +317,10 @@ def forward_flops_per_sample(model_config, latent_thw: tuple[int, int, int], cha
   block = 2 * d * 6 * d + attention(s, s, d, d) + 2 * 2 * s * d * f
   if not is_class_conditional(m):
     l, e = text_len, m.text_width
-    text = m.text_depth * (attention(l, l, e, e) + 2 * 2 * l * e * 4 * e) + 2 * l * e * d
+    if text_dim:
+      text = 2 * l * text_dim * d
+    else:
+      text = m.text_depth * (attention(l, l, e, e) + 2 * 2 * l * e * 4 * e) + 2 * l * e * d
     if m.pooled_text:
       cond += attention(1, l, d, d) + 2 * 2 * d * d
     block += attention(s, l, d, d)
