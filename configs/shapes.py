@@ -72,8 +72,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_train=8192, num_validation=512, seed=0,
       max_text_len=32,  # byte tokens incl. BOS; the longest caption has 31 bytes
       worker_count=0,  # grain worker processes; 0 reads in the training process
+      # name='folder' trains on your clips instead: --config.data.name=folder --config.data.folder=DIR
+      # (video files + captions.jsonl / captions.csv / .txt; resampled to `fps`, center-cropped).
+      folder=ml_collections.config_dict.placeholder(str), fps=8, validation_fraction=0.05,
   )
-  config.autoencoder = dict(kind='identity')
+  # 'identity': pixel space. 'wan': a Wan 2.1 VAE from a diffusers folder, e.g. --config.autoencoder.kind=wan
+  # --config.autoencoder.path=/models/Wan2.1-T2V-1.3B-Diffusers/vae --config.data.frames=17 (1 + 4n)
+  # --config.model.patch=1,2,2 (the patch then divides the latent: 5 x 4 x 4 for 17 x 32 x 32 clips).
+  config.autoencoder = dict(kind='identity', path=ml_collections.config_dict.placeholder(str))
   # 'byte': the small byte-level encoder inside the DiT, trained with it (fits the synthetic world).
   # 't5': a frozen T5 / UMT5 from a local Hugging Face folder, e.g. --config.text_encoder.kind=t5
   # --config.text_encoder.path=/models/umt5-xxl --config.data.max_text_len=128 (its token length).

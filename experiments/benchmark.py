@@ -51,6 +51,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sora_jax import UsageError, optim, sample, sharding, train
+from sora_jax.models import autoencoder as autoencoder_lib
 from sora_jax.models import dit
 import sora_jax.text as text_lib
 
@@ -234,7 +235,7 @@ def analyze(step: Step, step_fn, hbm_bytes: int | None):
   result = {}
   start = time.perf_counter()
   try:
-    compiled = step_fn.lower(step.abstract_state, step.abstract_batch, {}).compile()
+    compiled = step_fn.lower(step.abstract_state, step.abstract_batch, train.frozen_params(step.autoencoder)).compile()
   except Exception as e:  # XLA refuses a program larger than the device's memory at compile time
     oom = out_of_memory(e)
     if oom is None:
@@ -292,13 +293,15 @@ def measure(config, analyze_only: bool, topology: str | None = None) -> dict:
 
     state = train.create_state(config, step.autoencoder.channels, step.tx, step.shardings)
     batch = random_batch(config, step.batch_shardings)
+    frozen = jax.device_put(train.frozen_params(autoencoder_lib.make(config.autoencoder)),  # a VAE's real weights
+                            sharding.replicated(step.mesh))
     for _ in range(max(FLAGS.warmup, 1)):
-      state, metrics = step_fn(state, batch, {})
+      state, metrics = step_fn(state, batch, frozen)
     jax.block_until_ready(metrics)
     logging.info('timing %d steps', FLAGS.steps)
     start = time.perf_counter()
     for _ in range(FLAGS.steps):
-      state, metrics = step_fn(state, batch, {})
+      state, metrics = step_fn(state, batch, frozen)
     jax.block_until_ready((state, metrics))
     step_time = (time.perf_counter() - start) / FLAGS.steps
 

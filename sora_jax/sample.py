@@ -112,12 +112,18 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   latents = _sample_latents(model.params, model.graphdef, noise, cond, null_cond, guidance_scale, time_shift,
                             rng_b, num_steps=num_steps, prediction=cfg.objective.prediction,
                             stochasticity=float(stochasticity))
-  return video.to_uint8(jax.device_get(model.autoencoder.decode(latents)))
+  return video.to_uint8(jax.device_get(_decode(model.autoencoder, model.autoencoder.params, latents)))
+
+
+@partial(jax.jit, static_argnums=0)
+def _decode(autoencoder, params, latents):
+  return autoencoder.decode(params, latents)
 
 
 def abstract_model(config):
-  """The DiT's graph and abstract parameters (no memory) for a config."""
-  ae = autoencoder_lib.make(config.autoencoder)
+  """The DiT's graph and abstract parameters (no memory) for a config, and its autoencoder with
+  abstract parameters (shapes: `autoencoder.make(..., load_weights=False)`)."""
+  ae = autoencoder_lib.make(config.autoencoder, load_weights=False)
   text_dim = text_lib.text_dim(config)
   abstract = nnx.eval_shape(lambda: dit.from_config(config.model, ae.channels, nnx.Rngs(0), text_dim))
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
@@ -135,7 +141,8 @@ def load(workdir: str, step: int | None = None) -> Model:
   step = mngr.latest_step() if step is None else step
   if step is None or step not in mngr.all_steps():
     raise UsageError(f'no checkpoint{"" if step is None else f" at step {step}"} in {workdir}/checkpoints')
-  graphdef, abstract_params, ae = abstract_model(config)
+  graphdef, abstract_params, _ = abstract_model(config)
+  ae = autoencoder_lib.make(config.autoencoder)
   mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1, sequence=1))
   specs = nnx.get_partition_spec(abstract_params).to_pure_dict()
   pure = abstract_params.to_pure_dict()

@@ -71,9 +71,16 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   d, m = config.data, config.model
   if len(m.patch) != 3:
     raise UsageError(f'config.model.patch={tuple(m.patch)}: give (t, h, w) patch sizes')
-  for name, size, p in zip(('frames', 'height', 'width'), (d.frames, d.height, d.width), m.patch):
-    if p <= 0 or size % p:
-      raise UsageError(f'config.model.patch={tuple(m.patch)} does not divide config.data.{name}={size}')
+  ae = autoencoder_lib.make(config.autoencoder, load_weights=False)  # reads a VAE's config.json only
+  try:
+    latent_thw = ae.latent_shape(d.frames, d.height, d.width)
+  except ValueError as e:
+    raise UsageError(f'config.data.frames/height/width do not fit config.autoencoder.kind='
+                     f'{config.autoencoder.kind!r}: {e}') from None
+  for name, size, latent, p in zip(('frames', 'height', 'width'), (d.frames, d.height, d.width), latent_thw, m.patch):
+    if p <= 0 or latent % p:
+      via = '' if latent == size else f' (latent {name} {latent})'
+      raise UsageError(f'config.model.patch={tuple(m.patch)} does not divide config.data.{name}={size}{via}')
   if m.width % m.num_heads:
     raise UsageError(f'config.model.width={m.width} is not divisible by config.model.num_heads={m.num_heads}')
   if config.objective.prediction not in ('x0', 'velocity'):
@@ -92,10 +99,13 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   if dit.is_class_conditional(m) and not (isinstance(m.get('num_classes'), int) and m.num_classes > 0):
     raise UsageError(f'config.model.num_classes={m.get("num_classes")!r}: a class-conditional model needs '
                      f'a positive number of classes')
-  channels = autoencoder_lib.make(config.autoencoder).channels
+  channels = ae.channels
   if m.get('channels') and m.channels != channels:
     raise UsageError(f'config.model.channels={m.channels} but config.autoencoder.kind='
                      f'{config.autoencoder.kind!r} gives {channels}: pass --config.model.channels={channels}')
+  if dit.is_class_conditional(m) and d.name != 'shapes':
+    raise UsageError(f'config.data.name={d.name!r} has no class labels: a class-conditional model '
+                     f'(config.model.conditioning="class") trains on "shapes"')
   text_lib.validate(config)
   if text_lib.is_frozen(config) and dit.is_class_conditional(m):
     raise UsageError(f'config.text_encoder.kind={config.text_encoder.kind!r} with a class-conditional model: '
@@ -157,18 +167,26 @@ def batch_ndims(config) -> dict[str, int]:
   return {'video': 5, 'tokens': 2, 'token_mask': 2}
 
 
-def frozen_params(text_encoder) -> dict:
-  """The train step's third argument: parameters it uses but never updates ({} or {'text': ...})."""
-  return {} if text_encoder is None else {'text': text_encoder.params}
+def frozen_params(autoencoder, text_encoder=None) -> dict:
+  """The train step's third argument: parameters it uses but never updates, those of the
+  autoencoder ({} for `identity`) and of a frozen text encoder."""
+  frozen = {'autoencoder': autoencoder.params}
+  if text_encoder is not None:
+    frozen['text'] = text_encoder.params
+  return frozen
 
 
 def jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings, text_encoder=None):
   """The jitted train step (state, batch, frozen) -> (state, metrics): explicit shardings, the state
-  donated; `frozen` is `frozen_params(text_encoder)`, kept in the shardings it was loaded with.
+  donated; `frozen` is `frozen_params(autoencoder, text_encoder)`, kept in the shardings it was
+  loaded with (replicated: the VAE's weights, loaded on one device, go to all).
 
   The one definition that training and `experiments/benchmark.py` (timing, AOT compiles) share.
   """
-  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen_params(text_encoder))
+  frozen = frozen_params(autoencoder, text_encoder)
+  frozen_shardings = {'autoencoder': jax.tree.map(lambda _: sharding.replicated(mesh), frozen['autoencoder'])}
+  if text_encoder is not None:
+    frozen_shardings['text'] = jax.tree.map(lambda x: x.sharding, frozen['text'])
   return jax.jit(make_train_step(config, graphdef, tx, autoencoder, text_encoder),
                  in_shardings=(shardings, batch_shardings, frozen_shardings),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -221,7 +239,7 @@ def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
   def train_step(state, batch, frozen):
     rng = jax.random.fold_in(jax.random.key(config.seed), state['step'])  # no RNG state to save
     r_noise, r_time, r_drop = jax.random.split(rng, 3)
-    x0 = autoencoder.encode(batch['video'].astype(jnp.float32) / 127.5 - 1.0)
+    x0 = autoencoder.encode(frozen['autoencoder'], batch['video'].astype(jnp.float32) / 127.5 - 1.0)
     b = x0.shape[0]
     drop = jax.random.uniform(r_drop, (b, 1)) < obj.caption_dropout  # the unconditional share
     if dit.is_class_conditional(config.model):  # dropped labels become the null class
@@ -317,6 +335,8 @@ def check_workdir(config, workdir: str, has_checkpoint: bool) -> None:
     run['text_encoder'] = run.get('text_encoder') or {'kind': 'byte'}
   for section in ('model', 'autoencoder', 'data', 'text_encoder'):
     for key in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
+      if key not in old.get(section, {}):  # a field added since that run: it had the default
+        continue
       before, after = old.get(section, {}).get(key), new.get(section, {}).get(key)
       if before != after and key not in RESUMABLE_CHANGES:
         raise UsageError(f'--workdir={workdir} holds a run with config.{section}.{key}={before!r}, '
@@ -390,7 +410,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
   # --- Model, optimizer and sharded state. ---
   tx = optim.make_optimizer(config.optim, config.total_steps)
   graphdef, abstract_state, shardings = state_shardings(config, mesh, tx)
-  autoencoder = sample.abstract_model(config)[2]
+  autoencoder = autoencoder_lib.make(config.autoencoder)  # a VAE's weights: frozen, replicated
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state['params']))
   logging.info('model: %.2fM parameters', num_params / 1e6)
 
@@ -404,7 +424,8 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
 
     # --- A frozen text encoder (T5), sharded by the same rules; None for the byte encoder. ---
     text_encoder = text_lib.from_config(config, mesh, rules)
-    frozen = frozen_params(text_encoder)
+    frozen = frozen_params(autoencoder, text_encoder)
+    frozen['autoencoder'] = jax.device_put(frozen['autoencoder'], sharding.replicated(mesh))
 
     # --- The jitted step: state donated, shardings explicit. ---
     batch_shardings = {k: sharding.batch_sharding(mesh, nd, rules) for k, nd in batch_ndims(config).items()}

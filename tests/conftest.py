@@ -62,3 +62,30 @@ def t5_dirs(tmp_path_factory):
     transformers.T5Tokenizer.from_pretrained(path).save_pretrained(path)
     dirs[kind] = str(path)
   return dirs
+
+
+def save_random_wan_vae(path, **overrides):
+  """A random diffusers `AutoencoderKLWan` saved to `path` (norm scales and biases perturbed so
+  that every parameter matters); returns the torch model."""
+  import torch
+  from diffusers import AutoencoderKLWan
+
+  torch.manual_seed(0)
+  kw = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+            latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.5, 1.0])
+  kw.update(overrides)
+  model = AutoencoderKLWan(**kw).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'gamma' in name or 'bias' in name:
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(path)
+  return model
+
+
+@pytest.fixture(scope='session')
+def wan_vae_dir(tmp_path_factory):
+  """A small random Wan 2.1 VAE in the diffusers layout: x4 in time, x4 in space, 4 latent channels."""
+  path = tmp_path_factory.mktemp('wan_vae')
+  save_random_wan_vae(path)
+  return str(path)

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class PoisonedAutoencoder(autoencoder_lib.Identity):
-  def encode(self, video):
+  def encode(self, params, video):
     return video * jnp.nan
 
 
@@ -33,7 +33,7 @@ def test_a_nonfinite_step_leaves_params_moments_and_ema_unchanged(tiny_config):
   state = train.create_state(config, 3, tx, shardings)
   step = jax.jit(train.make_train_step(config, graphdef, tx, PoisonedAutoencoder()))
   batch = fixed_batch(config)
-  new_state, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()}, {})
+  new_state, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()}, {'autoencoder': {}})
   assert float(metrics['train/skipped_nonfinite']) == 1.0
   assert int(new_state['step']) == int(state['step']) + 1
   for key in ('params', 'opt_state', 'ema'):

@@ -29,7 +29,7 @@ def setup_step(config, devices):
   batch_sh = {k: sharding.batch_sharding(mesh, nd, rules) for k, nd in train.batch_ndims(config).items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = train.create_state(config, ae.channels, tx, shardings)
-    step = jax.jit(train.make_train_step(config, graphdef, tx, ae), in_shardings=(shardings, batch_sh, {}),
+    step = jax.jit(train.make_train_step(config, graphdef, tx, ae), in_shardings=(shardings, batch_sh, {'autoencoder': {}}),
                    out_shardings=(shardings, sharding.replicated(mesh)))
   return mesh, rules, state, step, batch_sh
 
@@ -40,7 +40,7 @@ def run_steps(config, devices, batch, steps):
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for _ in range(steps):
       b = {k: jax.device_put(batch[k], batch_sh[k]) for k in batch_sh}
-      state, m = step(state, b, {})
+      state, m = step(state, b, {'autoencoder': {}})
       losses.append(float(m['train/loss']))
   return state, losses
 

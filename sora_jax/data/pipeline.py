@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from sora_jax import UsageError
-from sora_jax.data import shapes
+from sora_jax.data import folder, shapes
 from sora_jax.text import byte as text
 
 
@@ -59,7 +59,8 @@ class SkipBadRecords:
 
 def to_example(record, max_text_len: int, tokenize=text.tokenize) -> dict:
   """A TFDS record -> {'video': uint8 [T, H, W, 3], 'tokens': int32 [l], 'token_mask': bool [l],
-  'label': int32 []} (the class, for class-conditional models; `shapes.class_label`).
+  'label': int32 []} (the class, for class-conditional models: `shapes.class_label`, -1 for data
+  without classes).
 
   `tokenize(texts, max_len) -> (ids, mask)` is the text encoder's: bytes by default, T5's
   sentencepiece for a frozen encoder (`sora_jax.text.tokenizer_from_config`).
@@ -70,14 +71,21 @@ def to_example(record, max_text_len: int, tokenize=text.tokenize) -> dict:
   if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
     raise ValueError(f'video of dtype {video.dtype} and shape {video.shape}, expected uint8 [T, H, W, 3]')
   tokens, mask = tokenize([caption], max_text_len)
-  label = shapes.class_label(record['color'], record['shape'], record['direction'])
+  if all(key in record for key in ('color', 'shape', 'direction')):
+    label = shapes.class_label(record['color'], record['shape'], record['direction'])
+  else:  # no class (e.g. `folder` clips): -1 keeps the keys the same for every dataset
+    label = -1
   return {'video': video, 'tokens': tokens[0], 'token_mask': mask[0], 'label': np.int32(label)}
 
 
 def data_source(data_config, split: str):
-  """Builds the dataset on first use (seconds for `shapes`) and opens it as a random-access source."""
+  """Builds the dataset on first use (seconds for `shapes`; for `folder`, about a decode of each clip's
+  start) and opens it as a random-access source."""
+  if data_config.name == 'folder':
+    return _folder_source(data_config, split)
   if data_config.name != 'shapes':
-    raise UsageError(f'config.data.name={data_config.name!r}: only "shapes" is available')
+    raise UsageError(f'config.data.name={data_config.name!r}: expected "shapes" (synthetic clips) or '
+                     f'"folder" (your clips in config.data.folder)')
   try:
     builder = shapes.build(data_config.data_dir, frames=data_config.frames, height=data_config.height,
                            width=data_config.width, object_size=data_config.object_size,
@@ -88,6 +96,24 @@ def data_source(data_config, split: str):
                      f'there: {e.strerror or e}') from None
   return tfds.data_source(f'shapes/{builder.builder_config.name}', split=split,
                           data_dir=builder.data_dir.rsplit('/shapes/', 1)[0])
+
+
+def _folder_source(data_config, split: str):
+  """`data_source` for `config.data.folder`, a folder of the user's clips (`sora_jax.data.folder`)."""
+  clips = data_config.get('folder')
+  if not clips:
+    raise UsageError('config.data.name="folder" needs config.data.folder, the folder of video clips')
+  try:
+    builder = folder.build(clips, data_config.data_dir, frames=data_config.frames, height=data_config.height,
+                           width=data_config.width, fps=data_config.get('fps', 8),
+                           validation_fraction=data_config.get('validation_fraction', 0.05))
+  except OSError as e:
+    raise UsageError(f'config.data.data_dir={data_config.data_dir!r}: cannot build or read the dataset '
+                     f'there: {e.strerror or e}') from None
+  if split not in builder.info.splits:  # a folder with one readable clip has no validation split
+    raise UsageError(f'config.data.folder={clips!r}: no {split!r} split ({folder.summary(builder)})')
+  return tfds.data_source(f'{builder.name}/{builder.builder_config.name}', split=split,
+                          data_dir=str(builder.data_dir_root))
 
 
 def make_iterator(source, *, global_batch_size: int, seed: int, max_text_len: int, start_step: int = 0,

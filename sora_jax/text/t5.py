@@ -16,17 +16,14 @@ device (and no host, beyond one tensor's shard) ever holds the full model.
 """
 
 import dataclasses
-import glob
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax import UsageError
+from sora_jax import UsageError, pretrained
 from sora_jax.models.axes import constrain, param
 
 ACTIVATIONS = {
@@ -211,39 +208,9 @@ def hf_names(cfg: T5Config) -> dict[tuple, tuple[str, bool]]:
   return names
 
 
-class _SafetensorsFolder:
-  """Lazy access to the tensors of one or more `*.safetensors` files in a folder."""
-
-  def __init__(self, path: str):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
-    if not files:
-      raise UsageError(f'{path}: no *.safetensors weights (convert .bin checkpoints with safetensors first)')
-    self._handles = {}
-    for file in files:
-      handle = safe_open(file, framework='numpy')
-      for name in handle.keys():
-        self._handles[name] = (handle, file)
-
-  def find(self, name: str):
-    """The slice accessor of `name`; T5 checkpoints may name the embedding `encoder.embed_tokens`."""
-    for candidate in (name, 'encoder.embed_tokens.weight' if name == 'shared.weight' else None):
-      if candidate in self._handles:
-        handle, file = self._handles[candidate]
-        return handle.get_slice(candidate), file
-    raise KeyError(name)
-
-
 def read_config(path: str) -> T5Config:
   """The architecture in a Hugging Face folder's `config.json` (no weights are read)."""
-  config_file = os.path.join(path, 'config.json')
-  if not os.path.exists(config_file):
-    raise UsageError(f'{path}: no config.json (expected a Hugging Face T5/UMT5 folder)')
-  try:
-    with open(config_file) as f:
-      hf = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise UsageError(f'{config_file}: cannot read it: {e}') from None
+  hf, config_file = pretrained.read_config(path, 'a Hugging Face T5/UMT5 folder')
   return T5Config.from_hf(hf, config_file)
 
 
@@ -267,12 +234,13 @@ def load(path: str, *, mesh=None, rules=(), param_dtype=jnp.float32, dtype=None)
   else:
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
 
-  tensors = _SafetensorsFolder(path)
+  tensors = pretrained.SafetensorsFolder(path)
   flat = {}
   for ours, (name, transpose) in hf_names(cfg).items():
     leaf = _get_path(shapes, ours)
     try:
-      tensor, file = tensors.find(name)
+      # T5 checkpoints may name the tied embedding `encoder.embed_tokens` instead of `shared`.
+      tensor, file = tensors.find(name, 'encoder.embed_tokens.weight' if name == 'shared.weight' else None)
     except KeyError:
       raise UsageError(f'{path}: the weights have no tensor {name!r} (is this a T5/UMT5 checkpoint?)') from None
     stored = tuple(tensor.get_shape())
@@ -285,7 +253,7 @@ def load(path: str, *, mesh=None, rules=(), param_dtype=jnp.float32, dtype=None)
       return np.asarray(block).astype(param_dtype)
 
     flat[ours] = jax.make_array_from_callback(leaf.shape, _get_path(shardings, ours), read)
-  abstract_state.replace_by_pure_dict(_unflatten(flat))
+  abstract_state.replace_by_pure_dict(pretrained.unflatten(flat))
   return nnx.merge(graphdef, abstract_state)
 
 
@@ -293,13 +261,3 @@ def _get_path(tree, path):
   for key in path:
     tree = tree[key]
   return tree
-
-
-def _unflatten(flat: dict) -> dict:
-  out = {}
-  for path, value in flat.items():
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return out

@@ -1,0 +1,392 @@
+"""A causal 3D-convolutional video VAE (the Wan 2.1 architecture), channels-last.
+
+Shape letters: b batch, T H W frames/height/width, c channels; videos are [b, T, H, W, 3] in [-1, 1].
+
+Time is causal: every temporal convolution pads only the past (with zeros), so a frame's latent
+never depends on later frames. Each temporal downsampling keeps the first frame on its own and
+strides 2 over the rest, so T = 1 + 4n frames become 1 + n latent frames (x4 with two temporal
+stages) and an image is simply a one-frame video. Space is compressed x2 per stage (x8 by default).
+
+This is the computation of diffusers' `AutoencoderKLWan` (which runs the same network chunk by
+chunk with feature caches), on the whole clip at once: convolutions over a zero-padded past equal
+chunked convolutions over cached frames. The parameter tree mirrors diffusers' module names, so
+`vae_convert.py` maps an exported folder one tensor to one parameter.
+
+The encoder gives a diagonal Gaussian (mean, log-variance) per latent value; the DiT's latent is
+its mean (or a sample), normalised per channel by `latents_mean` / `latents_std`.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax.models.axes import param
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+  base_dim: int = 96
+  z_dim: int = 16  # latent channels
+  dim_mult: tuple[int, ...] = (1, 2, 4, 4)  # channels per stage: base_dim * mult; len - 1 spatial x2 stages
+  num_res_blocks: int = 2
+  temporal_downsample: tuple[bool, ...] = (False, True, True)  # per stage; x2 in time where True
+  decoder_base_dim: int | None = None
+  in_channels: int = 3
+  latents_mean: tuple[float, ...] | None = None  # per channel: the DiT sees (z - mean) / std
+  latents_std: tuple[float, ...] | None = None
+
+  def __post_init__(self):
+    if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+      raise ValueError(f'temporal_downsample has {len(self.temporal_downsample)} entries, expected one per '
+                       f'downsampling stage ({len(self.dim_mult) - 1})')
+    for name in ('latents_mean', 'latents_std'):
+      value = getattr(self, name)
+      if value is not None and len(value) != self.z_dim:
+        raise ValueError(f'{name} has {len(value)} entries, expected z_dim={self.z_dim}')
+
+  @property
+  def temporal_factor(self) -> int:
+    return 2 ** sum(self.temporal_downsample)
+
+  @property
+  def spatial_factor(self) -> int:
+    return 2 ** (len(self.dim_mult) - 1)
+
+  def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Latent (T, H, W) of a clip; raises for sizes the network cannot take."""
+    tf, sf = self.temporal_factor, self.spatial_factor
+    if (frames - 1) % tf or height % sf or width % sf:
+      raise ValueError(f'a clip of {frames} x {height} x {width}: frames must be 1 + {tf}n and height and '
+                       f'width multiples of {sf}')
+    return 1 + (frames - 1) // tf, height // sf, width // sf
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming: a long clip in chunks, each temporal convolution carrying its past frames over.
+# ----------------------------------------------------------------------------------------------
+
+
+class Stream:
+  """The carried state of one chunk: the cached input frames of every temporal convolution, in
+  call order (a list, so a jitted chunk function takes and returns it as a pytree).
+
+  `caches=None` starts a clip: the chunk then holds frame 0, which the temporal resamplers keep
+  on its own, and every convolution pads its past with zeros, as on the whole clip.
+  """
+
+  def __init__(self, caches: list | None = None):
+    self.first = caches is None
+    self._old = caches
+    self.new = []
+
+  def exchange(self, keep):
+    """The cache this call left last chunk (None in the first); stores `keep` for the next."""
+    old = None if self._old is None else self._old[len(self.new)]
+    self.new.append(keep)
+    return old
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers.
+# ----------------------------------------------------------------------------------------------
+
+
+def _conv_init():
+  return nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=-2, out_axis=-1)
+
+
+class CausalConv3d(nnx.Module):
+  """3D convolution, zero padding in space and only on the past side in time. `stride_t=2` with
+  `pad_t=0` is the temporal downsampler's valid, strided convolution."""
+
+  def __init__(self, c_in: int, c_out: int, kernel=(3, 3, 3), *, rngs: nnx.Rngs, stride_t: int = 1,
+               pad_t: int | None = None):
+    kt, kh, kw = kernel
+    self.kernel = param(rngs, _conv_init(), (kt, kh, kw, c_in, c_out),
+                        (None, None, None, 'conv_in', 'conv_out'))
+    self.bias = param(rngs, nnx.initializers.zeros_init(), (c_out,), ('conv_out',))
+    self.pad_t = kt - 1 if pad_t is None else pad_t
+    self.stride_t = stride_t
+
+  def __call__(self, x_bthwc, stream: Stream | None = None):
+    _, kh, kw, _, _ = self.kernel.shape
+    pad_t = self.pad_t
+    if stream is not None and pad_t:  # the past comes from the previous chunk (zeros before frame 0)
+      cache = stream.exchange(None)
+      if cache is not None:
+        x_bthwc = jnp.concatenate([cache, x_bthwc], axis=1)
+        pad_t -= cache.shape[1]
+      stream.new[-1] = x_bthwc[:, -self.pad_t:]
+    padding = ((pad_t, 0), (kh // 2, kh // 2), (kw // 2, kw // 2))
+    y = jax.lax.conv_general_dilated(x_bthwc, self.kernel[...].astype(x_bthwc.dtype), (self.stride_t, 1, 1),
+                                     padding, dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+    return y + self.bias[...].astype(y.dtype)
+
+
+class Conv2d(nnx.Module):
+  """A per-frame 2D convolution over [b, T, H, W, c]; `padding` as lax takes it."""
+
+  def __init__(self, c_in: int, c_out: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1, padding='SAME'):
+    self.kernel = param(rngs, _conv_init(), (kernel, kernel, c_in, c_out),
+                        (None, None, 'conv_in', 'conv_out'))
+    self.bias = param(rngs, nnx.initializers.zeros_init(), (c_out,), ('conv_out',))
+    self.stride = stride
+    self.padding = padding
+
+  def __call__(self, x_bthwc):
+    b, t, h, w, c = x_bthwc.shape
+    y = jax.lax.conv_general_dilated(x_bthwc.reshape(b * t, h, w, c), self.kernel[...].astype(x_bthwc.dtype),
+                                     (self.stride, self.stride), self.padding,
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = y + self.bias[...].astype(y.dtype)
+    return y.reshape(b, t, *y.shape[1:])
+
+
+class ChannelRMSNorm(nnx.Module):
+  """x / |x| * sqrt(c) * gamma over channels (Wan's norm: an L2 normalisation, eps 1e-12)."""
+
+  def __init__(self, c: int, *, rngs: nnx.Rngs):
+    self.gamma = param(rngs, nnx.initializers.ones_init(), (c,), ('conv_out',))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
+    y = x32 / jnp.maximum(norm, 1e-12) * math.sqrt(x.shape[-1])
+    return (y * self.gamma[...]).astype(x.dtype)
+
+
+class ResidualBlock(nnx.Module):
+  def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs):
+    self.norm1 = ChannelRMSNorm(c_in, rngs=rngs)
+    self.conv1 = CausalConv3d(c_in, c_out, rngs=rngs)
+    self.norm2 = ChannelRMSNorm(c_out, rngs=rngs)
+    self.conv2 = CausalConv3d(c_out, c_out, rngs=rngs)
+    self.conv_shortcut = CausalConv3d(c_in, c_out, (1, 1, 1), rngs=rngs) if c_in != c_out else None
+
+  def __call__(self, x, stream=None):
+    h = x if self.conv_shortcut is None else self.conv_shortcut(x)
+    x = self.conv1(jax.nn.silu(self.norm1(x)), stream)
+    x = self.conv2(jax.nn.silu(self.norm2(x)), stream)
+    return x + h
+
+
+class AttentionBlock(nnx.Module):
+  """Single-head self-attention over the pixels of each frame (no mixing across time)."""
+
+  def __init__(self, c: int, *, rngs: nnx.Rngs):
+    self.norm = ChannelRMSNorm(c, rngs=rngs)
+    self.to_qkv = Conv2d(c, 3 * c, 1, rngs=rngs)
+    self.proj = Conv2d(c, c, 1, rngs=rngs)
+
+  def __call__(self, x_bthwc, stream=None):
+    del stream  # per frame: nothing to carry
+    b, t, h, w, c = x_bthwc.shape
+    q, k, v = jnp.split(self.to_qkv(self.norm(x_bthwc)).reshape(b * t, h * w, 1, 3 * c), 3, axis=-1)
+    out = jax.nn.dot_product_attention(q, k, v).reshape(b, t, h, w, c)
+    return x_bthwc + self.proj(out)
+
+
+class Resample(nnx.Module):
+  """x2 down- or upsampling in space, and in time for the '3d' modes (first frame kept apart)."""
+
+  def __init__(self, c: int, mode: str, *, rngs: nnx.Rngs):
+    self.mode = mode
+    if mode.startswith('down'):
+      # Zero-pad right and bottom by one, then a strided valid 3x3 convolution.
+      self.resample = Conv2d(c, c, 3, rngs=rngs, stride=2, padding=((0, 1), (0, 1)))
+      if mode == 'downsample3d':
+        self.time_conv = CausalConv3d(c, c, (3, 1, 1), rngs=rngs, stride_t=2, pad_t=0)
+    else:
+      self.resample = Conv2d(c, c // 2, 3, rngs=rngs)
+      if mode == 'upsample3d':
+        self.time_conv = CausalConv3d(c, 2 * c, (3, 1, 1), rngs=rngs)
+
+  def __call__(self, x_bthwc, stream: Stream | None = None):
+    first_chunk = stream is None or stream.first  # holds frame 0
+    if self.mode == 'upsample3d':
+      # Frames after frame 0: a causal conv makes two frames of each (channel halves).
+      first, rest = (x_bthwc[:, :1], x_bthwc[:, 1:]) if first_chunk else (x_bthwc[:, :0], x_bthwc)
+      if rest.shape[1]:
+        b, t, h, w, c = rest.shape
+        rest = self.time_conv(rest, stream)
+        rest = rest.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
+      elif stream is not None:
+        stream.exchange(None)  # the conv's cache stays empty: zeros precede frame 1
+      x_bthwc = jnp.concatenate([first, rest], axis=1)
+    if self.mode.startswith('up'):  # nearest x2 in space
+      x_bthwc = jnp.repeat(jnp.repeat(x_bthwc, 2, axis=2), 2, axis=3)
+    x_bthwc = self.resample(x_bthwc)
+    if self.mode == 'downsample3d':  # frame 0 alone, then windows (0,1,2), (2,3,4), ...
+      previous = None if stream is None else stream.exchange(x_bthwc[:, -1:])
+      if first_chunk:
+        x_bthwc = jnp.concatenate([x_bthwc[:, :1], self.time_conv(x_bthwc)], axis=1)
+      else:
+        x_bthwc = self.time_conv(jnp.concatenate([previous, x_bthwc], axis=1))
+    return x_bthwc
+
+
+class MidBlock(nnx.Module):
+  def __init__(self, c: int, *, rngs: nnx.Rngs):
+    self.resnets = nnx.List([ResidualBlock(c, c, rngs=rngs), ResidualBlock(c, c, rngs=rngs)])
+    self.attentions = nnx.List([AttentionBlock(c, rngs=rngs)])
+
+  def __call__(self, x, stream=None):
+    return self.resnets[1](self.attentions[0](self.resnets[0](x, stream)), stream)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder, decoder, VAE.
+# ----------------------------------------------------------------------------------------------
+
+
+class Encoder(nnx.Module):
+  def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    dims = [cfg.base_dim * m for m in (1,) + tuple(cfg.dim_mult)]
+    self.conv_in = CausalConv3d(cfg.in_channels, dims[0], rngs=rngs)
+    blocks = []
+    for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+      for _ in range(cfg.num_res_blocks):
+        blocks.append(ResidualBlock(c_in, c_out, rngs=rngs))
+        c_in = c_out
+      if i != len(cfg.dim_mult) - 1:
+        blocks.append(Resample(c_out, 'downsample3d' if cfg.temporal_downsample[i] else 'downsample2d', rngs=rngs))
+    self.down_blocks = nnx.List(blocks)
+    self.mid_block = MidBlock(dims[-1], rngs=rngs)
+    self.norm_out = ChannelRMSNorm(dims[-1], rngs=rngs)
+    self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, rngs=rngs)
+
+  def __call__(self, x, stream=None):
+    x = self.conv_in(x, stream)
+    for block in self.down_blocks:
+      x = block(x, stream)
+    x = self.mid_block(x, stream)
+    return self.conv_out(jax.nn.silu(self.norm_out(x)), stream)
+
+
+class UpBlock(nnx.Module):
+  def __init__(self, c_in: int, c_out: int, num_res_blocks: int, mode: str | None, *, rngs: nnx.Rngs):
+    self.resnets = nnx.List([ResidualBlock(c_in if i == 0 else c_out, c_out, rngs=rngs)
+                             for i in range(num_res_blocks + 1)])
+    self.upsamplers = nnx.List([Resample(c_out, mode, rngs=rngs)] if mode else [])
+
+  def __call__(self, x, stream=None):
+    for resnet in self.resnets:
+      x = resnet(x, stream)
+    for up in self.upsamplers:
+      x = up(x, stream)
+    return x
+
+
+class Decoder(nnx.Module):
+  def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    base = cfg.decoder_base_dim or cfg.base_dim
+    mults = tuple(cfg.dim_mult)
+    dims = [base * m for m in (mults[-1],) + mults[::-1]]
+    temporal_upsample = tuple(cfg.temporal_downsample)[::-1]
+    self.conv_in = CausalConv3d(cfg.z_dim, dims[0], rngs=rngs)
+    self.mid_block = MidBlock(dims[0], rngs=rngs)
+    blocks = []
+    for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+      if i > 0:
+        c_in //= 2  # the previous upsampler halved the channels
+      mode = None
+      if i != len(mults) - 1:
+        mode = 'upsample3d' if temporal_upsample[i] else 'upsample2d'
+      blocks.append(UpBlock(c_in, c_out, cfg.num_res_blocks, mode, rngs=rngs))
+    self.up_blocks = nnx.List(blocks)
+    self.norm_out = ChannelRMSNorm(dims[-1], rngs=rngs)
+    self.conv_out = CausalConv3d(dims[-1], cfg.in_channels, rngs=rngs)
+
+  def __call__(self, z, stream=None):
+    x = self.mid_block(self.conv_in(z, stream), stream)
+    for block in self.up_blocks:
+      x = block(x, stream)
+    return self.conv_out(jax.nn.silu(self.norm_out(x)), stream)
+
+
+class VideoVAE(nnx.Module):
+  """encode: video [b, T, H, W, 3] in [-1, 1] -> (mean, logvar), each [b, 1 + (T-1)/4, H/8, W/8, z_dim];
+  decode: latent -> video, clipped to [-1, 1]. `normalize` / `denormalize` apply the latent statistics."""
+
+  def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.encoder = Encoder(cfg, rngs=rngs)
+    self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, (1, 1, 1), rngs=rngs)
+    self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, (1, 1, 1), rngs=rngs)
+    self.decoder = Decoder(cfg, rngs=rngs)
+
+  def encode(self, video_bthwc, stream: Stream | None = None):
+    """(mean, logvar). With a `stream`, `video_bthwc` is the next chunk of a clip (see `encode_chunked`)."""
+    if stream is None or stream.first:
+      self.cfg.latent_shape(*video_bthwc.shape[1:4])  # a clear error for sizes it cannot take
+    h = self.quant_conv(self.encoder(video_bthwc, stream))
+    mean, logvar = jnp.split(h, 2, axis=-1)
+    return mean, jnp.clip(logvar, -30.0, 20.0)
+
+  def decode(self, z_bthwc, stream: Stream | None = None):
+    return jnp.clip(self.decoder(self.post_quant_conv(z_bthwc), stream), -1.0, 1.0)
+
+  def normalize(self, z):
+    if self.cfg.latents_mean is None:
+      return z
+    return (z - jnp.asarray(self.cfg.latents_mean, z.dtype)) / jnp.asarray(self.cfg.latents_std, z.dtype)
+
+  def denormalize(self, z):
+    if self.cfg.latents_mean is None:
+      return z
+    return z * jnp.asarray(self.cfg.latents_std, z.dtype) + jnp.asarray(self.cfg.latents_mean, z.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Long clips in bounded memory.
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'method'))
+def _chunk(graphdef, params, x, caches, *, method: str):
+  model = nnx.merge(graphdef, params)
+  stream = Stream(caches)
+  return getattr(model, method)(x, stream), stream.new
+
+
+def _chunks(total: int, first: int, step: int):
+  yield 0, min(first, total)
+  for start in range(first, total, step):
+    yield start, min(start + step, total)
+
+
+def encode_chunked(model: VideoVAE, video_bthwc, chunk_frames: int = 16):
+  """`model.encode` of a long clip, `chunk_frames` frames at a time after frame 0 (a multiple of
+  the temporal factor): memory grows with the chunk, not the clip. Equal to the one-shot encode."""
+  tf = model.cfg.temporal_factor
+  if chunk_frames <= 0 or chunk_frames % tf:
+    raise ValueError(f'chunk_frames={chunk_frames}: use a positive multiple of {tf}')
+  model.cfg.latent_shape(*video_bthwc.shape[1:4])
+  graphdef, params = nnx.split(model)
+  means, logvars, caches = [], [], None
+  for start, stop in _chunks(video_bthwc.shape[1], 1 + chunk_frames, chunk_frames):
+    (mean, logvar), caches = _chunk(graphdef, params, video_bthwc[:, start:stop], caches, method='encode')
+    means.append(mean)
+    logvars.append(logvar)
+  return jnp.concatenate(means, axis=1), jnp.concatenate(logvars, axis=1)
+
+
+def decode_chunked(model: VideoVAE, z_bthwc, chunk_latents: int = 4):
+  """`model.decode` of a long latent, `chunk_latents` latent frames at a time after latent frame 0.
+  Equal to the one-shot decode."""
+  if chunk_latents <= 0:
+    raise ValueError(f'chunk_latents={chunk_latents}: use a positive number')
+  graphdef, params = nnx.split(model)
+  videos, caches = [], None
+  for start, stop in _chunks(z_bthwc.shape[1], 1 + chunk_latents, chunk_latents):
+    video, caches = _chunk(graphdef, params, z_bthwc[:, start:stop], caches, method='decode')
+    videos.append(video)
+  return jnp.concatenate(videos, axis=1)
