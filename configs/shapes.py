@@ -75,6 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # name='folder' trains on your clips instead: --config.data.name=folder --config.data.folder=DIR
       # (video files + captions.jsonl / captions.csv / .txt; resampled to `fps`, center-cropped).
       folder=ml_collections.config_dict.placeholder(str), fps=8, validation_fraction=0.05,
+      # name='encoded': latents (and text embeddings) precomputed by `python -m sora_jax.encode`.
+      encoded_dir=ml_collections.config_dict.placeholder(str),
   )
   # 'identity': pixel space. 'wan': a Wan 2.1 VAE from a diffusers folder, e.g. --config.autoencoder.kind=wan
   # --config.autoencoder.path=/models/Wan2.1-T2V-1.3B-Diffusers/vae --config.data.frames=17 (1 + 4n)

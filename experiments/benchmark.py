@@ -170,6 +170,8 @@ class Step:
 def build_step(config, devices) -> Step:
   """Validates `config` for `devices` and builds the jitted step's inputs; allocates nothing."""
   train.validate_config(config, len(devices))
+  if config.data.name == 'encoded':
+    raise UsageError('config.data.name="encoded": benchmark the step on clips (the same DiT step, plus the encoders)')
   if text_lib.is_frozen(config):  # its weights would have to be loaded (not AOT-able) and its FLOPs counted
     raise UsageError(f'config.text_encoder.kind={config.text_encoder.kind!r}: the benchmark times DiTs with the '
                      f'byte encoder; use --config.text_encoder.kind=byte (a frozen encoder costs one forward pass)')
@@ -235,7 +237,7 @@ def analyze(step: Step, step_fn, hbm_bytes: int | None):
   result = {}
   start = time.perf_counter()
   try:
-    compiled = step_fn.lower(step.abstract_state, step.abstract_batch, train.frozen_params(step.autoencoder)).compile()
+    compiled = step_fn.lower(step.abstract_state, step.abstract_batch, train.frozen_params(step.config, step.autoencoder)).compile()
   except Exception as e:  # XLA refuses a program larger than the device's memory at compile time
     oom = out_of_memory(e)
     if oom is None:
@@ -293,7 +295,7 @@ def measure(config, analyze_only: bool, topology: str | None = None) -> dict:
 
     state = train.create_state(config, step.autoencoder.channels, step.tx, step.shardings)
     batch = random_batch(config, step.batch_shardings)
-    frozen = jax.device_put(train.frozen_params(autoencoder_lib.make(config.autoencoder)),  # a VAE's real weights
+    frozen = jax.device_put(train.frozen_params(config, autoencoder_lib.make(config.autoencoder)),  # a VAE's real weights
                             sharding.replicated(step.mesh))
     for _ in range(max(FLAGS.warmup, 1)):
       state, metrics = step_fn(state, batch, frozen)

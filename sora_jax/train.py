@@ -107,6 +107,8 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
     raise UsageError(f'config.data.name={d.name!r} has no class labels: a class-conditional model '
                      f'(config.model.conditioning="class") trains on "shapes"')
   text_lib.validate(config)
+  if pipeline.is_encoded(d):
+    pipeline.check_encoded(config)
   if text_lib.is_frozen(config) and dit.is_class_conditional(m):
     raise UsageError(f'config.text_encoder.kind={config.text_encoder.kind!r} with a class-conditional model: '
                      f'use config.text_encoder.kind="byte" (unused) or config.model.conditioning="text"')
@@ -160,32 +162,45 @@ def create_state(config, channels: int, tx, shardings):
 # ------------------------------------------------------------------------------------------------
 
 
+def cached_text(config) -> bool:
+  """Whether batches carry a frozen encoder's embeddings (`encoded` data) rather than token ids."""
+  return pipeline.is_encoded(config.data) and text_lib.is_frozen(config)
+
+
 def batch_ndims(config) -> dict[str, int]:
-  """The input arrays a train step takes, by name, with their ranks (the leading axis is the batch)."""
+  """The input arrays a train step takes, by name, with their ranks (the leading axis is the batch):
+  clips or (`encoded` data) latents, and labels, token ids or (cached) text embeddings."""
+  x = {'latent': 5} if pipeline.is_encoded(config.data) else {'video': 5}
   if dit.is_class_conditional(config.model):
-    return {'video': 5, 'label': 1}
-  return {'video': 5, 'tokens': 2, 'token_mask': 2}
+    return {**x, 'label': 1}
+  if cached_text(config):
+    return {**x, 'text': 3, 'text_mask': 2}
+  return {**x, 'tokens': 2, 'token_mask': 2}
 
 
-def frozen_params(autoencoder, text_encoder=None) -> dict:
-  """The train step's third argument: parameters it uses but never updates, those of the
-  autoencoder ({} for `identity`) and of a frozen text encoder."""
+def frozen_params(config, autoencoder, text_encoder=None) -> dict:
+  """The train step's third argument: what it uses but never updates. The autoencoder's parameters
+  ({} for `identity`); a frozen text encoder's parameters, or with cached embeddings only its
+  embedding of the empty caption (`null_text`, `null_text_mask`: [l, d], [l])."""
   frozen = {'autoencoder': autoencoder.params}
-  if text_encoder is not None:
+  if text_encoder is not None and cached_text(config):
+    null_text, null_mask = text_encoder.encode([''])
+    frozen.update(null_text=null_text[0].astype(jnp.float32), null_text_mask=null_mask[0])
+  elif text_encoder is not None:
     frozen['text'] = text_encoder.params
   return frozen
 
 
 def jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings, text_encoder=None):
   """The jitted train step (state, batch, frozen) -> (state, metrics): explicit shardings, the state
-  donated; `frozen` is `frozen_params(autoencoder, text_encoder)`, kept in the shardings it was
-  loaded with (replicated: the VAE's weights, loaded on one device, go to all).
+  donated; `frozen` is `frozen_params(config, autoencoder, text_encoder)`: the text encoder's
+  parameters keep the shardings they were loaded with, the rest is replicated.
 
   The one definition that training and `experiments/benchmark.py` (timing, AOT compiles) share.
   """
-  frozen = frozen_params(autoencoder, text_encoder)
-  frozen_shardings = {'autoencoder': jax.tree.map(lambda _: sharding.replicated(mesh), frozen['autoencoder'])}
-  if text_encoder is not None:
+  frozen = frozen_params(config, autoencoder, text_encoder)
+  frozen_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)
+  if 'text' in frozen:  # as loaded: sharded by the rules
     frozen_shardings['text'] = jax.tree.map(lambda x: x.sharding, frozen['text'])
   return jax.jit(make_train_step(config, graphdef, tx, autoencoder, text_encoder),
                  in_shardings=(shardings, batch_shardings, frozen_shardings),
@@ -230,6 +245,7 @@ def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
   """(state, batch, frozen) -> (state, metrics). With a frozen `text_encoder` (T5), `batch['tokens']`
   are its token ids and the step encodes them (no gradient); else the DiT's byte encoder trains."""
   obj = config.objective
+  cached = cached_text(config)
   if text_encoder is not None:
     null_tokens, null_mask = text_encoder.tokenize([''])
   else:
@@ -239,11 +255,17 @@ def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
   def train_step(state, batch, frozen):
     rng = jax.random.fold_in(jax.random.key(config.seed), state['step'])  # no RNG state to save
     r_noise, r_time, r_drop = jax.random.split(rng, 3)
-    x0 = autoencoder.encode(frozen['autoencoder'], batch['video'].astype(jnp.float32) / 127.5 - 1.0)
+    if 'latent' in batch:  # precomputed by sora_jax.encode
+      x0 = batch['latent'].astype(jnp.float32)
+    else:
+      x0 = autoencoder.encode(frozen['autoencoder'], batch['video'].astype(jnp.float32) / 127.5 - 1.0)
     b = x0.shape[0]
     drop = jax.random.uniform(r_drop, (b, 1)) < obj.caption_dropout  # the unconditional share
     if dit.is_class_conditional(config.model):  # dropped labels become the null class
       cond = dict(labels_b=jnp.where(drop[:, 0], config.model.num_classes, batch['label']))
+    elif cached:  # dropped captions become the empty caption's embedding, as in sampling
+      cond = dict(text_bld=jnp.where(drop[..., None], frozen['null_text'], batch['text'].astype(jnp.float32)),
+                  text_mask_bl=jnp.where(drop, frozen['null_text_mask'], batch['text_mask']))
     else:  # dropped captions become the empty caption, exactly what sampling's null branch sees
       tokens_bl = jnp.where(drop, null_tokens, batch['tokens'])
       token_mask_bl = jnp.where(drop, null_mask, batch['token_mask'])
@@ -424,8 +446,8 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
 
     # --- A frozen text encoder (T5), sharded by the same rules; None for the byte encoder. ---
     text_encoder = text_lib.from_config(config, mesh, rules)
-    frozen = frozen_params(autoencoder, text_encoder)
-    frozen['autoencoder'] = jax.device_put(frozen['autoencoder'], sharding.replicated(mesh))
+    frozen = frozen_params(config, autoencoder, text_encoder)
+    frozen = {k: v if k == 'text' else jax.device_put(v, sharding.replicated(mesh)) for k, v in frozen.items()}
 
     # --- The jitted step: state donated, shardings explicit. ---
     batch_shardings = {k: sharding.batch_sharding(mesh, nd, rules) for k, nd in batch_ndims(config).items()}

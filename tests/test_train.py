@@ -34,6 +34,17 @@ def setup_step(config, devices):
   return mesh, rules, state, step, batch_sh
 
 
+_ONE_DEVICE = {}  # reference runs shared by the parametrized cases of a worker
+
+
+def one_device_reference(config, batch, steps):
+  """`run_steps` on one device, computed once per config (the sharded cases compare to it)."""
+  key = (config.to_json_best_effort(), steps)
+  if key not in _ONE_DEVICE:
+    _ONE_DEVICE[key] = run_steps(config, jax.devices()[:1], batch, steps)
+  return _ONE_DEVICE[key]
+
+
 def run_steps(config, devices, batch, steps):
   mesh, rules, state, step, batch_sh = setup_step(config, devices)
   losses = []
@@ -60,7 +71,7 @@ def test_sharded_step_on_data_fsdp_tensor_mesh_matches_one_device(tiny_config, a
   config = tiny_config
   config.model.update(width=32, num_heads=4, text_heads=2)
   batch = fixed_batch(config)
-  single, losses1 = run_steps(config, jax.devices()[:1], batch, 2)
+  single, losses1 = one_device_reference(config, batch, 2)
   config.mesh.update(data=2, fsdp=2, tensor=2, sequence=1)
   config.grad_accum_steps, config.model.remat = accum, remat  # micro-batches of 4 over data x fsdp = 4
   sharded, losses8 = run_steps(config, jax.devices()[:8], batch, 2)
@@ -80,14 +91,15 @@ def test_sharded_step_on_data_fsdp_tensor_mesh_matches_one_device(tiny_config, a
 
 # Each sequence-parallel mode alone is checked against plain attention in tests/test_layers.py.
 @pytest.mark.parametrize('mesh, sequence_parallel', [
-    ('dp', 'all_to_all'), ('fsdp', 'all_to_all'), ('fsdp_tp', 'all_to_all'), ('fsdp_tp_sp', 'all_to_all'),
-    ('data=2,sequence=4', 'gather_kv')])
+    ('dp', 'all_to_all'), ('fsdp_tp', 'all_to_all'), ('fsdp_tp_sp', 'all_to_all'),
+    ('data=2,sequence=4', 'gather_kv')])  # plain fsdp: test_sharded_step_on_data_fsdp_tensor_mesh...
 def test_every_mesh_preset_and_sequence_parallelism_match_one_device(tiny_config, mesh, sequence_parallel):
   """Spacetime tokens sharded over 'sequence' too, with each way of communicating for attention."""
   config = tiny_config
-  config.model.update(width=32, num_heads=4, text_heads=2, sequence_parallel=sequence_parallel)
+  config.model.update(width=32, num_heads=4, text_heads=2)
   batch = fixed_batch(config)
-  single, losses1 = run_steps(config, jax.devices()[:1], batch, 2)
+  single, losses1 = one_device_reference(config, batch, 2)
+  config.model.sequence_parallel = sequence_parallel
   sizes = sharding.MESH_PRESETS.get(mesh) or dict(data=2, fsdp=1, tensor=1, sequence=4)
   config.mesh.update(sizes)
   sharded, losses8 = run_steps(config, jax.devices()[:8], batch, 2)

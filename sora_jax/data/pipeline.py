@@ -8,6 +8,8 @@ stream, and process p of P reads and decodes only its contiguous share of it,
 is no iterator state to checkpoint: a run resumes at any step on any number of processes.
 """
 
+import json
+import os
 import threading
 
 import grain
@@ -18,6 +20,8 @@ from absl import logging
 from sora_jax import UsageError
 from sora_jax.data import folder, shapes
 from sora_jax.text import byte as text
+
+ENCODED_VERSION = '1.0.0'
 
 
 class SkipBadRecords:
@@ -57,6 +61,45 @@ class SkipBadRecords:
                      f'(record {index}: {type(error).__name__}: {error})') from None
 
 
+# An `encoded` dataset (`sora_jax.encode`) fixes these fields of the training config.
+ENCODED_FIXED = ('autoencoder', 'text_encoder', 'data.frames', 'data.height', 'data.width', 'data.max_text_len')
+ENCODED_CONFIG = 'encode_config.json'
+
+
+def is_encoded(data_config) -> bool:
+  """Whether the data are precomputed latents (and text embeddings) rather than clips."""
+  return data_config.name == 'encoded'
+
+
+def encoded_fields(config) -> dict:
+  """The values of `ENCODED_FIXED` in a training config, JSON-ready."""
+  out = {}
+  for field in ENCODED_FIXED:
+    value = config
+    for name in field.split('.'):
+      value = value.get(name) if hasattr(value, 'get') else None
+    out[field] = json.loads(json.dumps(value.to_dict() if hasattr(value, 'to_dict') else value))
+  return out
+
+
+def check_encoded(config) -> None:
+  """UsageError unless `config.data.encoded_dir` holds an encoding made with this config's
+  autoencoder, text encoder and clip size (one line naming the first field that differs)."""
+  encoded_dir = config.data.get('encoded_dir')
+  if not encoded_dir:
+    raise UsageError('config.data.name="encoded" needs config.data.encoded_dir (WORKDIR/encoded of sora_jax.encode)')
+  path = os.path.join(encoded_dir, ENCODED_VERSION, ENCODED_CONFIG)
+  if not os.path.exists(path):
+    raise UsageError(f'config.data.encoded_dir={encoded_dir!r}: no {ENCODED_VERSION}/{ENCODED_CONFIG} '
+                     f'(run sora_jax.encode to the end first)')
+  with open(path) as f:
+    fixed = json.load(f)['fixed']
+  for field, value in encoded_fields(config).items():
+    if fixed.get(field) != value:
+      raise UsageError(f'config.{field}={value!r}, but {encoded_dir} was encoded with {fixed.get(field)!r}: '
+                       f'use the same value')
+
+
 def to_example(record, max_text_len: int, tokenize=text.tokenize) -> dict:
   """A TFDS record -> {'video': uint8 [T, H, W, 3], 'tokens': int32 [l], 'token_mask': bool [l],
   'label': int32 []} (the class, for class-conditional models: `shapes.class_label`, -1 for data
@@ -65,6 +108,9 @@ def to_example(record, max_text_len: int, tokenize=text.tokenize) -> dict:
   `tokenize(texts, max_len) -> (ids, mask)` is the text encoder's: bytes by default, T5's
   sentencepiece for a frozen encoder (`sora_jax.text.tokenizer_from_config`).
   """
+  if 'latent' in record:  # an `encoded` record: the text is already tokens or embeddings
+    keys = ('latent', 'text', 'text_mask') if 'text' in record else ('latent', 'tokens', 'token_mask')
+    return {**{k: np.asarray(record[k]) for k in keys}, 'label': np.int32(record['label'])}
   caption = record['caption']
   caption = caption.decode('utf-8') if isinstance(caption, bytes) else str(caption)
   video = np.asarray(record['video'])
@@ -83,9 +129,12 @@ def data_source(data_config, split: str):
   start) and opens it as a random-access source."""
   if data_config.name == 'folder':
     return _folder_source(data_config, split)
+  if is_encoded(data_config):
+    directory = os.path.join(data_config.encoded_dir, ENCODED_VERSION)
+    return tfds.builder_from_directory(directory).as_data_source(split=split)
   if data_config.name != 'shapes':
-    raise UsageError(f'config.data.name={data_config.name!r}: expected "shapes" (synthetic clips) or '
-                     f'"folder" (your clips in config.data.folder)')
+    raise UsageError(f'config.data.name={data_config.name!r}: expected "shapes" (synthetic clips), '
+                     f'"folder" (your clips in config.data.folder) or "encoded" (sora_jax.encode\'s latents)')
   try:
     builder = shapes.build(data_config.data_dir, frames=data_config.frames, height=data_config.height,
                            width=data_config.width, object_size=data_config.object_size,
