@@ -126,3 +126,20 @@ def test_chunked_encode_and_decode_with_causal_caches_equal_the_one_shot_result(
     np.testing.assert_allclose(vae.decode_chunked(model, mean, chunk_latents=chunk), video, atol=1e-5)
   with pytest.raises(ValueError, match='chunk_frames=6: use a positive multiple of 4'):
     vae.encode_chunked(model, x, chunk_frames=6)
+
+
+def test_spatial_tiles_blended_over_overlaps_approach_the_untiled_result(wan_vae_dir):
+  model = vae_convert.load_wan(wan_vae_dir)  # x4 in space
+  x = np.random.default_rng(3).uniform(-1, 1, (1, 5, 48, 48, 3)).astype(np.float32)
+  x = (x + np.roll(x, 1, axis=2) + np.roll(x, 1, axis=3)) / 3  # some spatial correlation
+  mean = np.asarray(model.encode(x)[0])
+  np.testing.assert_allclose(vae.encode_tiled(model, x, tile=48, overlap=0, chunk_frames=4), mean, atol=1e-5)
+  err = lambda a, b: float(np.abs(np.asarray(a) - b).max())
+  blended = err(vae.encode_tiled(model, x, tile=32, overlap=16, chunk_frames=4), mean)
+  abutting = err(vae.encode_tiled(model, x, tile=16, overlap=0, chunk_frames=4), mean)
+  assert blended < abutting and blended < 0.5 * np.abs(mean).max(), (blended, abutting)
+  video = np.asarray(model.decode(mean))
+  np.testing.assert_allclose(vae.decode_tiled(model, mean, tile=12, overlap=0, chunk_latents=1), video, atol=1e-5)
+  blended = err(vae.decode_tiled(model, mean, tile=8, overlap=4, chunk_latents=1), video)
+  abutting = err(vae.decode_tiled(model, mean, tile=4, overlap=0, chunk_latents=1), video)
+  assert blended < abutting, (blended, abutting)

@@ -390,3 +390,68 @@ def decode_chunked(model: VideoVAE, z_bthwc, chunk_latents: int = 4):
     video, caches = _chunk(graphdef, params, z_bthwc[:, start:stop], caches, method='decode')
     videos.append(video)
   return jnp.concatenate(videos, axis=1)
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+  """Starts of tiles of `tile` covering [0, size), neighbours overlapping by at least `overlap`."""
+  if tile >= size:
+    return [0]
+  stride = tile - overlap
+  starts = list(range(0, size - tile, stride)) + [size - tile]
+  return sorted(set(starts))
+
+
+def _ramp(length: int, start: int, stop: int, size: int, overlap: int) -> jnp.ndarray:
+  """Blend weights [length] of a tile at [start, stop) of `size`: linear ramps over the overlaps,
+  except at the borders of the whole frame."""
+  w = jnp.ones((length,), jnp.float32)
+  if overlap <= 0:
+    return w
+  i = jnp.arange(length, dtype=jnp.float32)
+  if start > 0:
+    w = jnp.minimum(w, (i + 1) / (overlap + 1))
+  if stop < size:
+    w = jnp.minimum(w, (length - i) / (overlap + 1))
+  return w
+
+
+def _tiled(fn, x_bthwc, tile: int, overlap: int, scale_in: int, scale_out: int):
+  """Applies `fn` to overlapping spatial tiles of `x` (tile and overlap in input pixels, multiples
+  of `scale_in`) and blends the outputs (`scale_out` times the input size / `scale_in`) linearly."""
+  _, _, H, W, _ = x_bthwc.shape
+  out = weight = None
+  for top in _tile_starts(H, tile, overlap):
+    for left in _tile_starts(W, tile, overlap):
+      h, w = min(tile, H), min(tile, W)
+      y = fn(x_bthwc[:, :, top:top + h, left:left + w])
+      r = scale_out / scale_in
+      ot, ol, oh, ow, ov = int(top * r), int(left * r), y.shape[2], y.shape[3], int(overlap * r)
+      wy = _ramp(oh, ot, ot + oh, int(H * r), ov)
+      wx = _ramp(ow, ol, ol + ow, int(W * r), ov)
+      wyx = (wy[:, None] * wx[None, :])[None, None, :, :, None]
+      if out is None:
+        out = jnp.zeros((y.shape[0], y.shape[1], int(H * r), int(W * r), y.shape[-1]), jnp.float32)
+        weight = jnp.zeros((1, 1, int(H * r), int(W * r), 1), jnp.float32)
+      out = out.at[:, :, ot:ot + oh, ol:ol + ow].add(y * wyx)
+      weight = weight.at[:, :, ot:ot + oh, ol:ol + ow].add(wyx)
+  return out / weight
+
+
+def encode_tiled(model: VideoVAE, video_bthwc, tile: int = 256, overlap: int = 64, chunk_frames: int = 16):
+  """The latent mean of a large clip from overlapping spatial tiles of `tile` pixels (each encoded
+  in temporal chunks), blended linearly over the overlaps: memory bounded by tile and chunk.
+  Not identical to the one-shot encode (convolutions and the per-frame attention see only their
+  tile): `tests/test_vae.py` measures the difference."""
+  sf = model.cfg.spatial_factor
+  if tile % sf or overlap % sf or not 0 <= overlap < tile:
+    raise ValueError(f'tile={tile}, overlap={overlap}: use multiples of {sf} with 0 <= overlap < tile')
+  return _tiled(lambda x: encode_chunked(model, x, chunk_frames)[0], video_bthwc, tile, overlap, sf, 1)
+
+
+def decode_tiled(model: VideoVAE, z_bthwc, tile: int = 32, overlap: int = 8, chunk_latents: int = 4):
+  """`decode` of a large latent from overlapping latent tiles of `tile` (each decoded in temporal
+  chunks), blended linearly over the overlaps in pixel space. Approximate, as `encode_tiled`."""
+  if not 0 <= overlap < tile:
+    raise ValueError(f'tile={tile}, overlap={overlap}: use 0 <= overlap < tile')
+  sf = model.cfg.spatial_factor
+  return _tiled(lambda z: decode_chunked(model, z, chunk_latents), z_bthwc, tile, overlap, 1, sf)
