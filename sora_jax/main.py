@@ -22,7 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sora_jax import UsageError, train
+from sora_jax import UsageError, train, train_vae
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py[:variant]).',
@@ -102,7 +102,11 @@ def main(argv):
   logging.info('JAX %s, process %d/%d, %d devices', jax.__version__, jax.process_index(),
                jax.process_count(), jax.device_count())
   try:
-    train.train_and_evaluate(load_config(), FLAGS.workdir, overwrite=FLAGS.overwrite)
+    config = load_config()
+    if train_vae.IS_VAE(config):  # configs/vae_shapes.py: the video autoencoder
+      train_vae.train_and_evaluate(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    else:
+      train.train_and_evaluate(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
   except (UsageError, train.NonFiniteError) as e:
     message = str(e).splitlines()[0]  # grain appends a note about its traceback filtering
     logging.error('%s', message)

@@ -3,7 +3,9 @@
 `config.autoencoder.kind`:
   'identity'  the DiT works in pixel space (the embedded default);
   'wan'       a Wan 2.1 causal video VAE imported from a diffusers folder (`config.autoencoder.path`,
-              `vae_convert.load_wan`): x4 in time (T = 1 + 4n frames), x8 in space, 16 channels.
+              `vae_convert.load_wan`): x4 in time (T = 1 + 4n frames), x8 in space, 16 channels;
+  'workdir'   a VAE trained here (`configs/vae_shapes.py`): `config.autoencoder.path` is its
+              workdir, whose latest checkpoint's EMA parameters are used.
 
 Interface: `channels`, `latent_shape(frames, height, width)`, `params` (frozen: the train step takes
 them as an argument, never as a constant), `encode(params, video)` and `decode(params, latent)`,
@@ -17,7 +19,7 @@ from flax import nnx
 
 from sora_jax import UsageError
 
-KINDS = ('identity', 'wan')
+KINDS = ('identity', 'wan', 'workdir')
 
 
 class Identity:
@@ -64,10 +66,11 @@ def validate(autoencoder_config) -> None:
   kind = autoencoder_config.kind
   if kind not in KINDS:
     raise UsageError(f'config.autoencoder.kind={kind!r}: use one of {KINDS}')
-  if kind == 'wan':
+  if kind != 'identity':
     path = autoencoder_config.get('path')
     if not path:
-      raise UsageError('config.autoencoder.path is not set: give a diffusers AutoencoderKLWan folder')
+      what = 'a diffusers AutoencoderKLWan folder' if kind == 'wan' else 'the workdir of a VAE run'
+      raise UsageError(f'config.autoencoder.path is not set: give {what}')
     if not os.path.isdir(path):
       raise UsageError(f'config.autoencoder.path={path!r}: no such folder')
 
@@ -79,10 +82,42 @@ def make(autoencoder_config, load_weights: bool = True):
   validate(autoencoder_config)
   if autoencoder_config.kind == 'identity':
     return Identity()
-  from sora_jax.models import vae_convert  # pylint: disable=g-import-not-at-top
   try:
-    model = vae_convert.load_wan(autoencoder_config.path, abstract=not load_weights)
+    if autoencoder_config.kind == 'workdir':
+      model = load_workdir(autoencoder_config.path, abstract=not load_weights)
+    else:
+      from sora_jax.models import vae_convert  # pylint: disable=g-import-not-at-top
+      model = vae_convert.load_wan(autoencoder_config.path, abstract=not load_weights)
   except UsageError as e:
     raise UsageError(f'config.autoencoder.path: {e}') from None
   return PretrainedVAE(model, autoencoder_config.path)
+
+
+def load_workdir(workdir: str, abstract: bool = False):
+  """The `vae.VideoVAE` of a `configs/vae_shapes.py`-style run: its config.json and the EMA
+  parameters of its latest checkpoint (shapes only with `abstract`)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from sora_jax import checkpoint, train_vae  # pylint: disable=g-import-not-at-top
+  from sora_jax.models import vae  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise UsageError(f'{workdir}: no config.json (expected the workdir of a VAE run)')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if not train_vae.IS_VAE(config):
+    raise UsageError(f'{workdir}: a run of config.trainer={config.get("trainer", "dit")!r}, not a VAE')
+  cfg = train_vae.vae_config(config)
+  model = nnx.eval_shape(lambda: vae.VideoVAE(cfg, rngs=nnx.Rngs(0)))
+  if abstract:
+    return model
+  mngr = checkpoint.manager(workdir, read_only=True)
+  step = mngr.latest_step()
+  if step is None:
+    raise UsageError(f'{workdir}: no checkpoint yet')
+  graphdef, state = nnx.split(model)
+  ema = checkpoint.restore_ema(mngr, step, state.to_pure_dict())
+  mngr.close()
+  state.replace_by_pure_dict(ema)
+  return nnx.merge(graphdef, state)
 
