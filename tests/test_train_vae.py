@@ -27,8 +27,8 @@ def vae_config(data_dir):
 def test_a_tiny_vae_overfits_one_batch(vae_config, data_dir):
   from tests.test_train import fixed_batch
   config = vae_config
-  config.optim.update(learning_rate=3e-3, warmup_steps=5)
-  config.total_steps = 60
+  config.optim.update(learning_rate=5e-3, warmup_steps=3)
+  config.total_steps = 30
   batch = {'video': fixed_batch(config)['video']}
   cfg = train_vae.vae_config(config)
   graphdef, params = nnx.split(vae.VideoVAE(cfg, rngs=nnx.Rngs(0)))
