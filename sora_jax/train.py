@@ -191,14 +191,16 @@ def frozen_params(config, autoencoder, text_encoder=None) -> dict:
   return frozen
 
 
-def jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings, text_encoder=None):
+def jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings, text_encoder=None,
+                   frozen=None):
   """The jitted train step (state, batch, frozen) -> (state, metrics): explicit shardings, the state
-  donated; `frozen` is `frozen_params(config, autoencoder, text_encoder)`: the text encoder's
-  parameters keep the shardings they were loaded with, the rest is replicated.
+  donated; `frozen` is `frozen_params(config, autoencoder, text_encoder)` (computed here unless
+  given): the text encoder's parameters keep the shardings they were loaded with, the rest is replicated.
 
   The one definition that training and `experiments/benchmark.py` (timing, AOT compiles) share.
   """
-  frozen = frozen_params(config, autoencoder, text_encoder)
+  if frozen is None:
+    frozen = frozen_params(config, autoencoder, text_encoder)
   frozen_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)
   if 'text' in frozen:  # as loaded: sharded by the rules
     frozen_shardings['text'] = jax.tree.map(lambda x: x.sharding, frozen['text'])
@@ -451,7 +453,8 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
 
     # --- The jitted step: state donated, shardings explicit. ---
     batch_shardings = {k: sharding.batch_sharding(mesh, nd, rules) for k, nd in batch_ndims(config).items()}
-    step_fn = jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings, text_encoder)
+    step_fn = jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings, text_encoder,
+                             frozen)
 
     # --- The loop. ---
     data_iter = pipeline.make_iterator(source, global_batch_size=config.batch_size, seed=config.data.seed,
