@@ -53,5 +53,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 8
     config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
     config.data.update(num_train=64, num_validation=8, frames=5)
-    config.model.update(base_dim=8, z_dim=4)
+    config.model.update(base_dim=8, z_dim=4, dim_mult=(1, 2), temporal_downsample=(True,))  # x2, x2
   return config
