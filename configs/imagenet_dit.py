@@ -81,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.update(frames=1, height=32, width=32, object_size=12)
   config.autoencoder = dict(kind='identity')
 
+  config.frame_conditioning.probability = 0.0  # single images: nothing to give
   config.model = dict(
       conditioning='class', num_classes=NUM_CLASSES,
       channels=4,  # the SD VAE's latent channels; None: the autoencoder's

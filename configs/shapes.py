@@ -98,6 +98,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       attention_impl='xla',  # or 'cudnn' on GPU
       sequence_parallel='all_to_all',  # tokens sharded on mesh.sequence: or 'gather_kv', 'xla'
       remat='none',  # per block: 'none', 'full' (keep inputs only) or 'dots' (keep matmul outputs)
+      frame_conditioning=True,  # a learned mark on given frames: image-to-video, extension, ... (below)
+  )
+  # Prompting with images and videos from the same model: this share of samples is given some of its
+  # frames, by a strategy drawn with these weights (sora_jax/diffusion/frame_conditioning.py); the
+  # loss covers the other frames only. 0 trains plain text-to-video.
+  config.frame_conditioning = dict(
+      probability=0.5,
+      strategies=dict(first=1.0, first_k=1.0, last=0.5, first_last=1.0, keyframes=0.5),
+      keyframe_rate=0.3,  # 'keyframes': each frame given with this probability
+      noise_max=0.0,  # given frames noised to a level drawn from U(0, noise_max); 0: clean
   )
   config.objective = dict(
       prediction='x0',  # the network predicts x0; the loss is on the velocity (x_t - x0) / t,
@@ -114,6 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sample = dict(
       num_steps=32, guidance_scale=2.0, time_shift=1.0, fps=8,  # guidance 3+ rounds square corners
       stochasticity=0.5,  # fresh noise per step: lets late steps clean up ragged edges (0: the ODE)
+      frame_guidance_scale=1.0,  # guidance toward given frames (image-to-video, ...); 1: none extra
       prompts=PROMPTS,  # written to WORKDIR/samples/ at the end of training
   )
   config.mesh = sharding.MESH_PRESETS[options.get('mesh', 'dp')]  # sizes; -1: the remaining devices

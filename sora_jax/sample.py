@@ -21,6 +21,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from sora_jax import UsageError, checkpoint, ensure_writable_dir, sharding, video
+from sora_jax.diffusion import frame_conditioning as fc
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.models import autoencoder as autoencoder_lib
 from sora_jax.models import dit
@@ -40,17 +41,49 @@ class Model:
   text_encoder: object = None
 
 
-@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction', 'stochasticity'))
-def _sample_latents(params, graphdef, noise, cond, null_cond, guidance_scale, time_shift, rng_b, *,
-                    num_steps: int, prediction: str, stochasticity: float):
+@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction', 'stochasticity', 't_start',
+                                   'frame_guidance'))
+def _sample_latents(params, graphdef, noise, start, cond, null_cond, guidance_scale, time_shift, rng_b,
+                    given=None, frame_guidance_scale=1.0, *, num_steps: int, prediction: str,
+                    stochasticity: float, t_start: float = 1.0, frame_guidance: bool = False):
+  """Latents [b, T, H, W, c] integrated from `start` (the noise, or for SDEdit the input at t_start).
+
+  Guidance: v = v(null) + s (v(text) - v(null)). With given frames (`given`: `x` the clean latents,
+  `mask_bt`) every branch sees them, unless `frame_guidance`: then with s_f = frame_guidance_scale,
+  v = v(null, no frames) + s_f (v(null, frames) - v(null, no frames)) + s (v(text, frames) - v(null, frames)).
+  The given frames follow their own path (1 - t) x + t noise and come back exactly.
+  """
   net = nnx.merge(graphdef, params)
+  if given is None:
+    branches = [(cond, False), (null_cond, False)]
+  elif frame_guidance:
+    branches = [(cond, True), (null_cond, True), (null_cond, False)]
+  else:
+    branches = [(cond, True), (null_cond, True)]
+  conds = jax.tree.map(lambda *a: jnp.concatenate(a), *[c for c, _ in branches])
 
-  def velocity(x, t_b, cond):
+  def velocity(x, t_b):
+    xs, extra = [], {}
+    if given is not None:
+      zeros = jnp.zeros_like(given['mask_bt'])
+      xs = [fc.apply_to_input(x, given['x'], given['mask_bt']) if use else x for _, use in branches]
+      extra['frame_mask_bt'] = jnp.concatenate([given['mask_bt'] if use else zeros for _, use in branches])
+    else:
+      xs = [x] * len(branches)
+    xs, ts = jnp.concatenate(xs), jnp.concatenate([t_b] * len(branches))
     # The exact v = (x_t - x0) / t: the last Euler step then lands on x0.
-    return rf.to_velocity(net(x, t_b, **cond), x, t_b, prediction_type=prediction)
+    v = rf.to_velocity(net(xs, ts, **conds, **extra), xs, ts, prediction_type=prediction)
+    v = jnp.split(v, len(branches))
+    out = v[1] + guidance_scale * (v[0] - v[1])
+    if frame_guidance:
+      out = out + (frame_guidance_scale - 1.0) * (v[1] - v[2])
+    if given is not None:  # given frames stay on their noising path
+      out = fc.apply_to_input(out, noise - given['x'], given['mask_bt'])
+    return out
 
-  fn = rf.guided(velocity, cond, null_cond, guidance_scale)
-  return rf.sample(fn, noise, num_steps=num_steps, shift=time_shift, stochasticity=stochasticity, rng_b=rng_b)
+  x = rf.sample(velocity, start, num_steps=num_steps, shift=time_shift, t_start=t_start,
+                stochasticity=stochasticity, rng_b=rng_b)
+  return x if given is None else fc.apply_to_input(x, given['x'], given['mask_bt'])
 
 
 def conditioning(config, prompts: list, text_encoder=None, negative_prompt: str | None = None) -> tuple[dict, dict]:
@@ -86,33 +119,79 @@ def conditioning(config, prompts: list, text_encoder=None, negative_prompt: str 
 
 def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | None = None,
              guidance_scale: float | None = None, time_shift: float | None = None,
-             stochasticity: float | None = None, negative_prompt: str | None = None) -> np.ndarray:
-  """uint8 videos [len(prompts), T, H, W, 3]; unset options come from `config.sample`.
+             stochasticity: float | None = None, negative_prompt: str | None = None,
+             given=None, given_mask=None, frame_guidance_scale: float | None = None,
+             edit=None, strength: float | None = None) -> np.ndarray:
+  """uint8 videos [len(prompts), T, H, W, 3] at the config's size; unset options come from `config.sample`.
 
   `prompts` are captions, or class indices for a class-conditional model. `negative_prompt`
   replaces the empty caption in the unconditional branch of guidance (see `conditioning`).
+  Given frames (a frame-conditioned model): `given` uint8 [T, H, W, 3] (or one per prompt) of which
+  the frames `given_mask` (bool [T]) are kept and the rest generated around them; they come back
+  unchanged (in pixel space exactly). `frame_guidance_scale` != 1 guides toward them separately.
+  Through a causal VAE a given frame conditions the latent frame that holds it (the first
+  latent frame holds frame 0 alone; later ones 4 frames, whose other frames then come along).
+  SDEdit: `edit` uint8 [T, H, W, 3] (or one per prompt) noised to level `strength` in (0, 1] and
+  denoised from there. Higher-level modes are in `sora_jax.prompting`.
   """
   cfg = model.config
   num_steps = num_steps or cfg.sample.num_steps
   guidance_scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
   time_shift = cfg.sample.time_shift if time_shift is None else time_shift
+  if frame_guidance_scale is None:
+    frame_guidance_scale = cfg.sample.get('frame_guidance_scale', 1.0)
   if stochasticity is None:
     stochasticity = cfg.sample.get('stochasticity', 0.0)  # workdirs from before the option: 0
   if num_steps < 1:
     raise UsageError(f'steps={num_steps}: need at least one sampling step')
   if not 0 <= stochasticity <= 1:
     raise UsageError(f'stochasticity={stochasticity}: use a value in [0, 1]')
+  b = len(prompts)
+  frames = (cfg.data.frames, cfg.data.height, cfg.data.width, 3)
   cond, null_cond = conditioning(cfg, list(prompts), model.text_encoder, negative_prompt)
-  shape = model.autoencoder.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
+  shape = model.autoencoder.latent_shape(*frames[:3])
   key, sde_key = jax.random.split(jax.random.key(seed))
   # One noise per prompt index, so a prompt's video does not depend on the batch around it.
   noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (*shape, model.autoencoder.channels)))(
-      jnp.arange(len(prompts)))
-  rng_b = jax.vmap(lambda i: jax.random.fold_in(sde_key, i))(jnp.arange(len(prompts)))
-  latents = _sample_latents(model.params, model.graphdef, noise, cond, null_cond, guidance_scale, time_shift,
-                            rng_b, num_steps=num_steps, prediction=cfg.objective.prediction,
-                            stochasticity=float(stochasticity))
+      jnp.arange(b))
+  rng_b = jax.vmap(lambda i: jax.random.fold_in(sde_key, i))(jnp.arange(b))
+  start, t_start, given_latents = noise, 1.0, None
+  if edit is not None:
+    if strength is None or not 0 < strength <= 1:
+      raise UsageError(f'strength={strength}: SDEdit needs a noise level in (0, 1]')
+    x_edit = _encode(model.autoencoder, model.autoencoder.params, _pixels(edit, b, frames, 'edit'))
+    start, t_start = rf.interpolate(x_edit, noise, jnp.full((b,), strength)), float(strength)
+  if given is not None:
+    if not cfg.model.get('frame_conditioning', False):
+      raise UsageError('this model was trained without frame conditioning (config.model.frame_conditioning): '
+                       'it cannot be given frames; SDEdit (edit=) works with any model')
+    given_mask = np.asarray(given_mask, bool)
+    if given_mask.shape != (frames[0],):
+      raise UsageError(f'given_mask has shape {given_mask.shape}; expected ({frames[0]},), one per frame')
+    factor = 1 if shape[0] == frames[0] else (frames[0] - 1) // max(shape[0] - 1, 1)
+    latent_mask = fc.latent_frame_mask(given_mask, factor)
+    given_latents = dict(x=_encode(model.autoencoder, model.autoencoder.params, _pixels(given, b, frames, 'given')),
+                         mask_bt=jnp.broadcast_to(jnp.asarray(latent_mask), (b, shape[0])))
+  latents = _sample_latents(model.params, model.graphdef, noise, start, cond, null_cond, guidance_scale, time_shift,
+                            rng_b, given_latents, frame_guidance_scale, num_steps=num_steps,
+                            prediction=cfg.objective.prediction, stochasticity=float(stochasticity),
+                            t_start=t_start, frame_guidance=given is not None and frame_guidance_scale != 1.0)
   return video.to_uint8(jax.device_get(_decode(model.autoencoder, model.autoencoder.params, latents)))
+
+
+def _pixels(clips, b: int, shape: tuple, name: str):
+  """uint8 [T, H, W, 3] or [b, T, H, W, 3] -> float [b, T, H, W, 3] in [-1, 1]."""
+  clips = np.asarray(clips)
+  if clips.shape == shape:
+    clips = np.broadcast_to(clips, (b, *shape))
+  if clips.shape != (b, *shape):
+    raise UsageError(f'{name}: frames of shape {clips.shape}; expected {shape} or {(b, *shape)}')
+  return jnp.asarray(clips, jnp.float32) / 127.5 - 1.0
+
+
+@partial(jax.jit, static_argnums=0)
+def _encode(autoencoder, params, video_bthwc):
+  return autoencoder.encode(params, video_bthwc)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -177,6 +256,18 @@ def define_flags():
   flags.DEFINE_integer('seed', 0, 'Noise seed.')
   flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step to use (default: latest).')
   flags.DEFINE_integer('upscale', 1, 'Repeat pixels this many times in the written video.')
+  # Prompting with images and videos (a model trained with frame conditioning; sora_jax/prompting.py).
+  flags.DEFINE_multi_string('keyframe', None, 'PATH@INDEX: an image placed at output frame INDEX (negative: '
+                            'from the end); repeatable. a.png@0 is image-to-video; a.png@0 b.png@-1 interpolates.')
+  flags.DEFINE_string('extend', None, 'A video the output starts with and continues.')
+  flags.DEFINE_string('extend_backward', None, 'A video the output ends with: what came before it.')
+  flags.DEFINE_string('edit', None, 'SDEdit: a video noised to --strength and denoised with the prompt.')
+  flags.DEFINE_float('strength', None, 'SDEdit noise level in (0, 1] (default 0.6): higher changes more.')
+  flags.DEFINE_bool('loop', False, 'Make the last frame lead back into the first.')
+  flags.DEFINE_integer('frames', None, 'Output frames (default: the training length); longer outputs are '
+                       'made window by window, each given the last half of the previous one.')
+  flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config; 1: none '
+                     'beyond the text guidance).')
 
 
 def output_paths(out: str, count: int) -> list[str]:
@@ -188,16 +279,80 @@ def output_paths(out: str, count: int) -> list[str]:
   return [out] if count == 1 else [f'{root}_{i}{suffix}' for i in range(count)]
 
 
+def parse_keyframes(specs: list[str] | None) -> list[tuple[str, int]]:
+  """['a.png@0', 'b.png@-1'] -> [('a.png', 0), ('b.png', -1)]; a malformed one is a UsageError."""
+  parsed = []
+  for spec in specs or ():
+    path, at, index = spec.rpartition('@')
+    try:
+      parsed.append((path, int(index)))
+    except ValueError:
+      at = ''
+    if not at or not path:
+      raise UsageError(f'--keyframe={spec}: use PATH@INDEX, e.g. first.png@0 or last.png@-1')
+  return parsed
+
+
+def check_prompting_flags() -> None:
+  """Flag combinations that make no sense, before anything is loaded."""
+  if FLAGS.extend and FLAGS.extend_backward:
+    raise UsageError('--extend and --extend_backward: give one')
+  if FLAGS.strength is not None and not FLAGS.edit:
+    raise UsageError('--strength goes with --edit')
+  if FLAGS.edit and (FLAGS.keyframe or FLAGS.extend or FLAGS.extend_backward or FLAGS.loop or FLAGS.frames):
+    raise UsageError('--edit combines with the prompt, guidance, seed and steps only')
+  if FLAGS.edit and not 0 < (FLAGS.strength if FLAGS.strength is not None else 0.6) <= 1:
+    raise UsageError(f'--strength={FLAGS.strength}: use a noise level in (0, 1]')
+  if FLAGS.frames is not None and FLAGS.frames < 1:
+    raise UsageError(f'--frames={FLAGS.frames}: need at least one frame')
+
+
+def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np.ndarray:
+  """The videos the flags ask for: plain text-to-video, or with keyframes, extension, edit, loop, length."""
+  from sora_jax import prompting
+  cfg = model.config
+  H, W = cfg.data.height, cfg.data.width
+  notes = []
+
+  def read(reader, path):
+    frames, note = reader(path, H, W)
+    notes.append(note)
+    return frames
+
+  if FLAGS.edit:
+    videos, note = prompting.edit(model, prompts, read(prompting.read_video, FLAGS.edit),
+                                  strength=0.6 if FLAGS.strength is None else FLAGS.strength, **kw)
+    notes.append(note)
+  else:
+    frames = FLAGS.frames or cfg.data.frames
+    images = [(read(prompting.read_image, path), index) for path, index in keyframe_specs]
+    clip_path = FLAGS.extend or FLAGS.extend_backward
+    clip = read(prompting.read_video, clip_path) if clip_path else None
+    given, note = prompting.given_frames(frames, images, clip, backward=bool(FLAGS.extend_backward))
+    notes.append(note)
+    for n in filter(None, notes):
+      print(n)
+    notes = []
+    videos = prompting.generate_frames(model, prompts, given, frames=frames, backward=bool(FLAGS.extend_backward),
+                                       loop=FLAGS.loop, **kw)
+  for n in filter(None, notes):
+    print(n)
+  return videos
+
+
 def main(argv):
   del argv
   try:
     if not FLAGS.workdir or not FLAGS.prompt:
       raise UsageError('--workdir and --prompt are required')
+    check_prompting_flags()
+    keyframe_specs = parse_keyframes(FLAGS.keyframe)
     paths = output_paths(FLAGS.out, len(FLAGS.prompt))
     model = load(FLAGS.workdir, FLAGS.checkpoint_step)
-    videos = generate(model, FLAGS.prompt, seed=FLAGS.seed, num_steps=FLAGS.steps,
-                      guidance_scale=FLAGS.guidance_scale, stochasticity=FLAGS.stochasticity,
-                      negative_prompt=FLAGS.negative_prompt)
+    kw = dict(seed=FLAGS.seed, num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale,
+              stochasticity=FLAGS.stochasticity, negative_prompt=FLAGS.negative_prompt,
+              frame_guidance_scale=FLAGS.frame_guidance_scale)
+    videos = run_prompting(model, FLAGS.prompt, keyframe_specs, **kw)
     for prompt, path, v in zip(FLAGS.prompt, paths, videos):
       try:
         video.write(path, v, fps=model.config.sample.fps, upscale=FLAGS.upscale)

@@ -22,6 +22,7 @@ from flax import nnx
 
 from sora_jax import UsageError, checkpoint, ensure_writable_dir, metrics, optim, sample, sharding, video
 from sora_jax.data import pipeline
+from sora_jax.diffusion import frame_conditioning
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.models import autoencoder as autoencoder_lib
 from sora_jax.models import dit, layers
@@ -114,7 +115,34 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
                      f'use config.text_encoder.kind="byte" (unused) or config.model.conditioning="text"')
   if m.get('sequence_parallel', 'all_to_all') not in layers.SEQUENCE_PARALLEL:
     raise UsageError(f'config.model.sequence_parallel={m.sequence_parallel!r}: use one of {layers.SEQUENCE_PARALLEL}')
+  validate_frame_conditioning(config)
   return sizes
+
+
+def frame_conditioning_on(config) -> bool:
+  """Whether training gives some samples some of their frames (`config.frame_conditioning`)."""
+  return config.get('frame_conditioning', {}).get('probability', 0.0) > 0
+
+
+def validate_frame_conditioning(config) -> None:
+  fcc = config.get('frame_conditioning')
+  if fcc is None:
+    return
+  for field in ('probability', 'keyframe_rate', 'noise_max'):
+    if not 0 <= fcc.get(field, 0.0) <= 1:
+      raise UsageError(f'config.frame_conditioning.{field}={fcc.get(field)!r}: must be in [0, 1]')
+  if not frame_conditioning_on(config):
+    return
+  if not config.model.get('frame_conditioning', False):
+    raise UsageError(f'config.frame_conditioning.probability={fcc.probability} needs a model that marks given '
+                     'frames: set config.model.frame_conditioning=True (or the probability to 0)')
+  unknown = set(fcc.strategies) - set(frame_conditioning.STRATEGIES)
+  if unknown:
+    raise UsageError(f'config.frame_conditioning.strategies: unknown {sorted(unknown)}; use '
+                     f'{frame_conditioning.STRATEGIES}')
+  weights = dict(fcc.strategies)
+  if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+    raise UsageError(f'config.frame_conditioning.strategies={weights}: weights must be >= 0 with a positive sum')
 
 
 def _get(config, dotted: str):
@@ -210,19 +238,24 @@ def jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_sha
 
 
 def make_loss_and_grads(config, graphdef):
-  """(params, x0, noise, t, cond) -> (mean loss, grads), in `config.grad_accum_steps` micro-batches.
+  """(params, x0, noise, t, cond, given) -> (mean loss, grads), in `config.grad_accum_steps` micro-batches.
 
   `cond` holds the DiT's conditioning keywords (`tokens_bl` and `token_mask_bl`, `text_bld` and
-  `text_mask_bl`, or `labels_b`).
+  `text_mask_bl`, or `labels_b`); `given` is None or the frame conditioning: `mask_bt` (the given
+  frames) and optionally `t_b` (their noise level).
   Micro-batch i takes samples i, i + m, i + 2m, ... so that every data-parallel shard feeds every
   micro-batch; equal sizes make the mean of micro-batch means the full-batch mean.
   """
   obj, accum = config.objective, config.grad_accum_steps
 
-  def loss_fn(params, x0, noise, t, cond):
+  def loss_fn(params, x0, noise, t, cond, given):
     net = nnx.merge(graphdef, params)
-    apply = lambda x_t, t_b: net(x_t, t_b, **cond)
-    return rf.loss(apply, x0, noise, t, prediction_type=obj.prediction, min_t=obj.min_t)[0]
+    if given is None:
+      apply = lambda x_t, t_b: net(x_t, t_b, **cond)
+      return rf.loss(apply, x0, noise, t, prediction_type=obj.prediction, min_t=obj.min_t)[0]
+    apply = lambda x_t, t_b: net(x_t, t_b, **cond, frame_mask_bt=given['mask_bt'])
+    return rf.loss(apply, x0, noise, t, prediction_type=obj.prediction, min_t=obj.min_t,
+                   given_bt=given['mask_bt'], given_t_b=given.get('t_b'))[0]
 
   def loss_and_grads(params, *batch):
     if accum == 1:
@@ -279,7 +312,16 @@ def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
     noise = jax.random.normal(r_noise, x0.shape)
     t = rf.sample_time(r_time, b, mean=obj.time_mean, std=obj.time_std, shift=obj.time_shift,
                        high_noise_fraction=obj.high_noise_fraction, high_noise_min=obj.high_noise_min)
-    loss, grads = loss_and_grads(state['params'], x0, noise, t, cond)
+    given = None
+    if frame_conditioning_on(config):  # its own stream: the other draws stay those of plain training
+      fcc = config.frame_conditioning
+      r_mask, r_level = jax.random.split(jax.random.fold_in(rng, 1))
+      given = dict(mask_bt=frame_conditioning.sample_masks(
+          r_mask, b, x0.shape[1], probability=fcc.probability, weights=dict(fcc.strategies),
+          keyframe_rate=fcc.keyframe_rate))
+      if fcc.noise_max > 0:  # lightly noised given frames: robust to imperfect (e.g. decoded) inputs
+        given['t_b'] = jax.random.uniform(r_level, (b,), maxval=fcc.noise_max)
+    loss, grads = loss_and_grads(state['params'], x0, noise, t, cond, given)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     ema = optim.ema_update(state['ema'], params, config.ema_decay, state['step'])

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from tests.conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The scripts import sora_jax from this checkout, installed or not.
@@ -11,7 +12,7 @@ PYTHONPATH = os.pathsep.join([ROOT] + [p for p in os.environ.get('PYTHONPATH', '
 
 
 def test_benchmark_prints_step_time_flops_and_mfu_of_the_real_step():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', PYTHONPATH=PYTHONPATH)
+  env = subprocess_env(2, PYTHONPATH=PYTHONPATH)
   result = subprocess.run(
       [sys.executable, 'experiments/benchmark.py', '--config=configs/shapes.py:tiny', '--steps=2',
        '--warmup=1', '--config.model.width=64', '--config.model.num_heads=2', '--config.mesh.fsdp=2',
@@ -28,7 +29,7 @@ def test_benchmark_prints_step_time_flops_and_mfu_of_the_real_step():
 
 
 def test_analyze_only_shows_fsdp_dividing_the_state_per_device_without_allocating():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', PYTHONPATH=PYTHONPATH)
+  env = subprocess_env(4, PYTHONPATH=PYTHONPATH)
   plans = {}
   for mesh in ('dp', 'fsdp'):
     result = subprocess.run(

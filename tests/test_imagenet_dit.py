@@ -274,11 +274,18 @@ TEXT_MODEL_BEFORE = {'tiny': (87_648, 60, 7_059_456), '': (4_239_168, 136, 355_7
 @pytest.mark.parametrize('variant', list(TEXT_MODEL_BEFORE))
 def test_the_text_models_parameters_and_flops_are_unchanged(variant):
   config = shapes_config.get_config(variant)
+  assert config.model.frame_conditioning  # adds one [patch t, width] table, the mark of given frames
+  m = config.model
+  params, count, flops = TEXT_MODEL_BEFORE[variant]
+  expected = (params + m.patch[0] * m.width, count + 1, flops)
   abstract = nnx.eval_shape(lambda: dit.from_config(config.model, 3, nnx.Rngs(0)))
   leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
   d = config.data
   flops = dit.forward_flops_per_sample(config.model, (d.frames, d.height, d.width), 3, d.max_text_len)
-  assert (sum(x.size for x in leaves), len(leaves), flops) == TEXT_MODEL_BEFORE[variant]
+  assert (sum(x.size for x in leaves), len(leaves), flops) == expected
+  config.model.frame_conditioning = False
+  leaves = jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: dit.from_config(config.model, 3, nnx.Rngs(0))), nnx.Param))
+  assert (sum(x.size for x in leaves), len(leaves)) == TEXT_MODEL_BEFORE[variant][:2]
   assert not any('label' in jax.tree_util.keystr(path) or keystr_has_bias(path)
                  for path, _ in jax.tree_util.tree_leaves_with_path(nnx.state(abstract, nnx.Param).to_pure_dict()))
 

@@ -11,19 +11,20 @@ import time
 
 import numpy as np
 import pytest
+from tests.conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
 def flags(data_dir, workdir, **overrides):
-  config = dict(dict(total_steps=6, log_every_steps=1, checkpoint_every_steps=2), **overrides)
+  config = {**dict(total_steps=6, log_every_steps=1, checkpoint_every_steps=2), **overrides}
   return ['--config=configs/shapes.py:tiny', f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
           '--config.sample.prompts=()', *(f'--config.{k}={v}' for k, v in config.items())]
 
 
 def env(devices):
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu')
+  return subprocess_env(devices)
 
 
 def run_one_process(main_flags, devices=8):
@@ -58,7 +59,7 @@ def roll_back_to(workdir, step):
       shutil.rmtree(os.path.join(checkpoints, name))
 
 
-def test_two_processes_reproduce_one_and_checkpoints_move_between_process_counts(data_dir, tmp_path):
+def test_two_processes_reproduce_one_and_the_run_resumes_and_samples_on_another_mesh(data_dir, tmp_path):
   one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
   run_one_process(flags(data_dir, one))
   run_launcher(flags(data_dir, two), tmp_path / 'logs')
@@ -67,11 +68,17 @@ def test_two_processes_reproduce_one_and_checkpoints_move_between_process_counts
   # The same global batch at every step, whatever the process count (measured gap ~1e-7).
   np.testing.assert_allclose(losses(two), reference, rtol=1e-4)
 
-  # Written by 2 processes, resumed by 1: steps 5 and 6 as if uninterrupted (the SIGTERM test resumes on 2).
+  # Written by 2 processes on 8 devices (data 8), resumed by 1 process on 2 devices (fsdp 2): steps 5
+  # and 6 as if uninterrupted (the SIGTERM test below resumes on 2 processes).
   roll_back_to(two, 4)
-  out = run_one_process(flags(data_dir, two)).stderr
+  out = run_one_process(flags(data_dir, two, **{'mesh.data': 1, 'mesh.fsdp': 2}), devices=2).stderr
   assert 'at step 4' in out
   np.testing.assert_allclose(losses(two), reference, rtol=1e-4)
+  video = str(tmp_path / 'red.gif')
+  result = subprocess.run([sys.executable, '-m', 'sora_jax.sample', f'--workdir={two}', f'--out={video}',
+                           '--prompt=a red circle moving right', '--steps=1'],
+                          cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0 and os.path.exists(video), result.stderr[-2000:]
 
 
 def wait_for(pattern, path, timeout=300):

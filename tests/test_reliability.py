@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 
 from sora_jax import UsageError, optim, sharding, train
 from sora_jax.models import autoencoder as autoencoder_lib
+from tests.conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,32 +96,6 @@ def test_an_unwritable_workdir_is_a_one_line_error(tmp_path):
     train.prepare_workdir(str(blocker / 'run'), overwrite=False)
 
 
-@pytest.mark.slow
-def test_sigterm_checkpoints_the_current_step_and_exits_zero(data_dir, tmp_path):
-  workdir = str(tmp_path / 'run')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  cmd = [sys.executable, '-m', 'sora_jax.main', '--config=configs/shapes.py:tiny', f'--workdir={workdir}',
-         f'--config.data.data_dir={data_dir}', '--config.total_steps=100000', '--config.log_every_steps=1',
-         '--config.checkpoint_every_steps=100000']
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-  for line in proc.stderr:  # wait until training is under way
-    if 'step 3/' in line:
-      break
-  sent = time.time()
-  proc.send_signal(signal.SIGTERM)
-  rest = proc.stderr.read()
-  assert proc.wait(timeout=60) == 0, rest[-2000:]
-  assert time.time() - sent < 60
-  assert 'stopped by SIGTERM' in rest
-  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
-  assert steps and steps[-1] >= 3
-  # The next start resumes exactly there.
-  result = subprocess.run(cmd[:-3] + [f'--config.total_steps={steps[-1] + 2}', '--config.sample.num_steps=1'],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert 'resuming from' in result.stderr and f'at step {steps[-1]}' in result.stderr
-
-
 def test_a_checkpoint_from_8_devices_restores_onto_4_and_1_and_back(tiny_config, tmp_path):
   from sora_jax import checkpoint
   config = tiny_config
@@ -157,7 +131,7 @@ def test_a_checkpoint_from_8_devices_restores_onto_4_and_1_and_back(tiny_config,
 def test_sigkill_during_checkpointing_leaves_a_resumable_workdir(data_dir, tmp_path):
   from sora_jax import checkpoint, sample
   workdir = str(tmp_path / 'run')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = subprocess_env(2)
   base = [sys.executable, '-m', 'sora_jax.main', '--config=configs/shapes.py:tiny', f'--workdir={workdir}',
           f'--config.data.data_dir={data_dir}', '--config.checkpoint_every_steps=1',
           '--config.log_every_steps=1', '--config.max_checkpoints_to_keep=2']
@@ -183,25 +157,3 @@ def test_sigkill_during_checkpointing_leaves_a_resumable_workdir(data_dir, tmp_p
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'at step {latest}' in result.stderr
-
-
-@pytest.mark.slow
-def test_a_run_from_8_devices_resumes_training_and_sampling_on_2(tiny_config, data_dir, tmp_path):
-  config = tiny_config
-  config.sample.prompts = ()
-  config.mesh.update(data=2, fsdp=2, tensor=2)
-  workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)  # 8 devices, checkpoint at step 4
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  result = subprocess.run(
-      [sys.executable, '-m', 'sora_jax.main', '--config=configs/shapes.py:tiny', f'--workdir={workdir}',
-       f'--config.data.data_dir={data_dir}', '--config.total_steps=6', '--config.mesh.data=1',
-       '--config.mesh.fsdp=2', '--config.sample.num_steps=1'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert 'at step 4' in result.stderr and 'step 6/6' in result.stderr
-  out = str(tmp_path / 'red.gif')
-  result = subprocess.run([sys.executable, '-m', 'sora_jax.sample', f'--workdir={workdir}', f'--out={out}',
-                           '--prompt=a red circle moving right', '--steps=1'],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0 and os.path.exists(out), result.stderr[-2000:]

@@ -44,16 +44,15 @@ def test_a_tiny_vae_overfits_one_batch(vae_config, data_dir):
   assert after > before + 6.0, (before, after)  # dB
 
 
-def test_the_vae_config_trains_evaluates_resumes_and_serves_a_dit(vae_config, tmp_path):
+def test_the_vae_config_trains_evaluates_restores_and_serves_a_dit(vae_config, tmp_path):
   workdir = str(tmp_path / 'vae')
-  train_vae.train_and_evaluate(vae_config, workdir)
+  trained = jax.device_get(train_vae.train_and_evaluate(vae_config, workdir))
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
   assert [r['step'] for r in rows if 'eval/psnr' in r] == [2, 4]
   assert sorted(os.listdir(os.path.join(workdir, 'samples', '00000004'))) == ['reconstruction_0.gif', 'reconstruction_1.gif']
-  vae_config.total_steps = 6  # resumes at 4
-  state = train_vae.train_and_evaluate(vae_config, workdir)
-  assert int(state['step']) == 6
+  restored = train_vae.train_and_evaluate(vae_config, workdir)  # resumes at step 4: nothing left to do
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), trained)
   ae = autoencoder_lib.make(autoencoder_lib_config(workdir))
   assert ae.channels == 4 and ae.latent_shape(5, 32, 32) == (3, 16, 16)
   x = np.zeros((1, 5, 32, 32, 3), np.float32)

@@ -5,10 +5,13 @@ classifier-free guidance. The network may predict the velocity directly or the c
 from which v = (x_t - x0) / t; either way the loss is on the velocity.
 """
 
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from sora_jax.diffusion import frame_conditioning
 
 
 def shift_time(t, shift: float):
@@ -47,24 +50,36 @@ def to_velocity(prediction, x_t, t_b, *, prediction_type: str):
   raise ValueError(f'unknown prediction type {prediction_type!r}; expected velocity or x0')
 
 
-def loss(apply_fn: Callable, x0, noise, t_b, *, prediction_type: str, min_t: float = 0.05):
+def loss(apply_fn: Callable, x0, noise, t_b, *, prediction_type: str, min_t: float = 0.05, given_bt=None,
+         given_t_b=None):
   """The velocity error of the network's prediction, averaged; apply_fn(x_t, t) -> output.
 
   For an x0 prediction the velocity error is (x0_pred - x0) / t, so the loss is the x0 error
   weighted by 1 / t^2; that weight is capped at 1 / min_t^2. The cap keeps the nearly clean
   steps (weights up to 1e4) from drowning the noisy ones, where layout and motion are decided,
   and, unlike clamping t inside the prediction, leaves the optimum at the true x0.
+  Frame conditioning: the frames `given_bt` (bool [b, T]) enter the network clean (or noised to
+  `given_t_b` [b]) and are left out of the loss, which averages over each sample's generated values.
   Returns (mean loss, per-sample loss [b]).
   """
   x_t = interpolate(x0, noise, t_b)
+  if given_bt is not None:
+    x_given = x0 if given_t_b is None else interpolate(x0, noise, given_t_b)
+    x_t = frame_conditioning.apply_to_input(x_t, x_given, given_bt)
   out = apply_fn(x_t, t_b)
-  axes = tuple(range(1, x0.ndim))
   if prediction_type == 'velocity':
-    per_sample = jnp.mean((out - (noise - x0)) ** 2, axis=axes)
+    err = (out - (noise - x0)) ** 2
   elif prediction_type == 'x0':
-    per_sample = jnp.mean((out - x0) ** 2, axis=axes) / jnp.maximum(t_b, min_t) ** 2
+    err = (out - x0) ** 2 / jnp.maximum(t_b, min_t).reshape((-1,) + (1,) * (x0.ndim - 1)) ** 2
   else:
     raise ValueError(f'unknown prediction type {prediction_type!r}; expected velocity or x0')
+  axes = tuple(range(1, x0.ndim))
+  if given_bt is None:
+    per_sample = jnp.mean(err, axis=axes)
+  else:  # at least one frame per sample is generated (frame_conditioning.sample_masks)
+    generated = (~given_bt).astype(err.dtype).reshape(given_bt.shape + (1,) * (x0.ndim - 2))
+    values_per_frame = math.prod(x0.shape[2:])
+    per_sample = jnp.sum(err * generated, axis=axes) / (jnp.sum(generated, axis=axes) * values_per_frame)
   return jnp.mean(per_sample), per_sample
 
 

@@ -154,6 +154,9 @@ class DiT(nnx.Module):
   Class: __call__(x_bthwc, t_b, labels_b=labels_b), labels_b int [b] in [0, num_classes]; the
          label `num_classes` (`DiT.null_label`) is the null class for classifier-free guidance:
          callers drop labels to it in training and pass it for the unconditional branch.
+  Frame conditioning (`frame_conditioning=True`): `frame_mask_bt` (bool [b, T]) marks the frames
+         given clean (image-to-video, extension, ...) with a learned embedding; no mask, or an
+         all-False one, is plain generation (`sora_jax.diffusion.frame_conditioning`).
   -> prediction [b, T, H, W, c] (x0 or velocity, as the objective chooses; the network does not care).
 
   The class model's options, each defaulting to the text model's behaviour: `qk_norm`, `qkv_bias`,
@@ -172,7 +175,7 @@ class DiT(nnx.Module):
                sequence_parallel: str = 'all_to_all', conditioning: str = 'text',
                num_classes: int | None = None, qk_norm: bool = True, qkv_bias: bool = False,
                rope: bool = True, learn_sigma: bool = False, text_dim: int | None = None,
-               rngs: nnx.Rngs):
+               frame_conditioning: bool = False, rngs: nnx.Rngs):
     self.patch = tuple(patch)
     self.channels = channels
     if conditioning not in CONDITIONING:
@@ -193,6 +196,9 @@ class DiT(nnx.Module):
     if conditioning == 'text' and not self.external_text:
       self.text_encoder = ByteTextEncoder(text_width, text_depth, text_heads, rngs=rngs, dtype=dtype)
     self.patch_embed = layers.Dense(patch_values, width, ('patch', 'embed'), rngs=rngs, dtype=dtype)
+    self.frame_conditioning = frame_conditioning
+    if frame_conditioning:  # marks given frames: one row per frame position inside a patch
+      self.given_frame_embed = param(rngs, layers.init_normal(0.02), (self.patch[0], width), ('pos', 'embed'))
     self.time_mlp1 = layers.Dense(256, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
     self.time_mlp2 = layers.Dense(width, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
     if conditioning == 'text':
@@ -223,7 +229,7 @@ class DiT(nnx.Module):
     return self.text_proj(text_bld), mask_bl
 
   def __call__(self, x_bthwc, t_b, tokens_bl=None, token_mask_bl=None, *, labels_b=None, text_bld=None,
-               text_mask_bl=None):
+               text_mask_bl=None, frame_mask_bt=None):
     b, T, H, W, c = x_bthwc.shape
     if c != self.channels:
       raise ValueError(f'the DiT was built for {self.channels} latent channels, got an input with {c}')
@@ -236,6 +242,12 @@ class DiT(nnx.Module):
     grid = (T // self.patch[0], H // self.patch[1], W // self.patch[2])
     pos_bs3 = jnp.broadcast_to(grid_positions(grid)[None], (b, math.prod(grid), 3))
     x_bsd = self.patch_embed(patchify(x_bthwc, self.patch))
+    if frame_mask_bt is not None:  # given (clean) frames: add their learned mark to their tokens
+      if not self.frame_conditioning:
+        raise ValueError('frame_mask_bt needs a DiT built with frame_conditioning=True')
+      mask_btp = frame_mask_bt.astype(x_bsd.dtype).reshape(b, grid[0], self.patch[0])
+      mark_btd = mask_btp @ self.given_frame_embed[...].astype(x_bsd.dtype)
+      x_bsd = x_bsd + jnp.repeat(mark_btd, grid[1] * grid[2], axis=1)  # tokens are t-major
     if self.absolute_positions:
       pos_bsa = pos_bs3
       if self.conditioning == 'class' and grid[0] == 1:
@@ -277,7 +289,8 @@ def from_config(model_config, channels: int, rngs: nnx.Rngs, text_dim: int | Non
 
   Fields a config may leave out take the text model's defaults, so older configs and checkpoints
   build the same model: `conditioning` ('text'), `num_classes`, `qk_norm` (True), `qkv_bias`
-  (False), `rope` (True), `learn_sigma` (False), `remat`, `sequence_parallel`; the text fields
+  (False), `rope` (True), `learn_sigma` (False), `frame_conditioning` (False), `remat`,
+  `sequence_parallel`; the text fields
   are only read by the text model.
   """
   get = model_config.get
@@ -291,7 +304,8 @@ def from_config(model_config, channels: int, rngs: nnx.Rngs, text_dim: int | Non
              sequence_parallel=get('sequence_parallel', 'all_to_all'),
              conditioning=get('conditioning', 'text'), num_classes=get('num_classes', None),
              qk_norm=get('qk_norm', True), qkv_bias=get('qkv_bias', False), rope=get('rope', True),
-             learn_sigma=get('learn_sigma', False), text_dim=text_dim, rngs=rngs)
+             learn_sigma=get('learn_sigma', False), text_dim=text_dim,
+             frame_conditioning=get('frame_conditioning', False), rngs=rngs)
 
 
 def forward_flops_per_sample(model_config, latent_thw: tuple[int, int, int], channels: int,

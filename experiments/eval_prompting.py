@@ -1,0 +1,154 @@
+r"""Image and video prompting of a `shapes` model, judged analytically: one JSON line of per-mode scores.
+
+  python experiments/eval_prompting.py --workdir=runs/shapes [--cases=100] [--seed=0]
+
+Inputs are clips rendered here (`shapes.render_clip`, attributes, start and speed drawn from
+--seed, which is not the dataset's), so the model has never seen them. Per mode, a case is right when:
+
+  image_to_video  given frame 0 and a caption with any direction: the generated frames in the
+                  image's color, moving as prompted at a constant speed (centroids within
+                  --max_error_px of a straight line). Given frames come back unchanged by
+                  construction: `exact_given` checks it for every mode;
+  extend          given frames [0, T/2): the rest follows the true continuation (mean centroid error
+                  <= --max_error_px) in the clip's color;
+  extend_backward given frames [T/2, T): the frames before follow the true path, likewise;
+  interpolate     given the first and last frames: the frames between follow the true path;
+  edit            SDEdit of the clip at --strength to a caption of another color: that color, and
+                  the clip's path (centroid error <= --max_error_px).
+  `*_error_px`: the median path error (image_to_video: distance from a straight line).
+"""
+
+import json
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+from sora_jax import UsageError
+from sora_jax.data import shapes
+from sora_jax.eval import adherence
+
+flags.DEFINE_string('workdir', None, 'Training workdir (a frame-conditioned shapes model).')
+flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest).')
+flags.DEFINE_integer('cases', 100, 'Cases per mode.')
+flags.DEFINE_integer('seed', 0, 'Seed of the rendered inputs and of the sampling noise.')
+flags.DEFINE_integer('batch', 50, 'Cases per sampling call.')
+flags.DEFINE_float('strength', 0.6, 'SDEdit noise level of the edit mode.')
+flags.DEFINE_float('max_error_px', 1.5, 'Largest mean centroid error (pixels) of a right path.')
+flags.DEFINE_float('guidance_scale', None, 'Text guidance scale (default: config).')
+flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config).')
+flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
+flags.DEFINE_string('modes', 'image_to_video,extend,extend_backward,interpolate,edit', 'Comma-separated modes.')
+FLAGS = flags.FLAGS
+MODES = ('image_to_video', 'extend', 'extend_backward', 'interpolate', 'edit')
+
+
+def random_case(rng: np.random.Generator, cfg) -> dict:
+  d = cfg.data
+  return shapes.random_clip(rng, frames=d.frames, height=d.height, width=d.width, object_size=d.object_size)
+
+
+def centroids(video_thwc) -> np.ndarray:
+  """[T, 2] (y, x) centroid of the bright pixels per frame (NaN where a frame shows nothing)."""
+  out = []
+  for m in adherence.bright_mask(video_thwc):
+    ys, xs = np.nonzero(m)
+    out.append((ys.mean(), xs.mean()) if len(ys) else (np.nan, np.nan))
+  return np.array(out)
+
+
+def path_error(generated_thwc, truth_thwc, frames) -> float:
+  """Mean centroid distance (px) over `frames`; inf where the generated video lost the object."""
+  err = np.linalg.norm(centroids(generated_thwc)[frames] - centroids(truth_thwc)[frames], axis=-1)
+  return float(np.mean(err)) if np.isfinite(err).all() else float('inf')
+
+
+def linear_motion_error(video_thwc) -> float:
+  """Mean distance (px) of the centroids from the best straight line at constant speed; inf where
+  the object is lost."""
+  c = centroids(video_thwc)
+  if not np.isfinite(c).all():
+    return float('inf')
+  t = np.stack([np.ones(len(c)), np.arange(len(c))], axis=1)
+  fit = t @ np.linalg.lstsq(t, c, rcond=None)[0]
+  return float(np.mean(np.linalg.norm(c - fit, axis=-1)))
+
+
+def main(argv):
+  del argv
+  from sora_jax import sample
+  try:
+    if not FLAGS.workdir:
+      raise UsageError('--workdir is required')
+    modes = FLAGS.modes.split(',')
+    if set(modes) - set(MODES):
+      raise UsageError(f'--modes: unknown {sorted(set(modes) - set(MODES))}; use {MODES}')
+    model = sample.load(FLAGS.workdir, FLAGS.checkpoint_step)
+    cfg = model.config
+    T = cfg.data.frames
+    kw = dict(num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale,
+              frame_guidance_scale=FLAGS.frame_guidance_scale)
+    rng = np.random.default_rng(FLAGS.seed + 10_000)  # not the dataset's seeds
+    result = dict(workdir=FLAGS.workdir, step=model.step, cases=FLAGS.cases, max_error_px=FLAGS.max_error_px)
+    start = time.time()
+    exact = []
+    for mode in modes:
+      right, errors = [], []
+      for first in range(0, FLAGS.cases, FLAGS.batch):
+        cases = [random_case(rng, cfg) for _ in range(min(FLAGS.batch, FLAGS.cases - first))]
+        clips = np.stack([c['video'] for c in cases])
+        seed = FLAGS.seed * 1000 + first
+        if mode == 'image_to_video':
+          prompts = [shapes.caption(shapes.COLOR_NAMES[c['color']], shapes.SHAPES[c['shape']],
+                                    shapes.DIRECTION_NAMES[int(rng.integers(4))]) for c in cases]
+          given = np.zeros(T, bool)
+          given[0] = True
+          videos = sample.generate(model, prompts, given=clips, given_mask=given, seed=seed, **kw)
+          errs = [linear_motion_error(v) for v in videos]
+          errors.extend(errs)
+          judged = [e <= FLAGS.max_error_px and adherence.judge_color(v[1:]) == shapes.parse_caption(p)[0] and
+                    adherence.judge_direction(v) == shapes.parse_caption(p)[2]
+                    for e, v, p in zip(errs, videos, prompts)]
+          exact.append(bool((videos[:, 0] == clips[:, 0]).all()))
+        elif mode in ('extend', 'extend_backward', 'interpolate'):
+          prompts = [c['caption'] for c in cases]
+          given = np.zeros(T, bool)
+          if mode == 'extend':
+            given[:T // 2] = True
+          elif mode == 'extend_backward':
+            given[T // 2:] = True
+          else:
+            given[[0, -1]] = True
+          videos = sample.generate(model, prompts, given=clips, given_mask=given, seed=seed, **kw)
+          exact.append(bool((videos[:, given] == clips[:, given]).all()))
+          errs = [path_error(v, c, ~given) for v, c in zip(videos, clips)]
+          errors.extend(errs)
+          judged = [e <= FLAGS.max_error_px and adherence.judge_color(v[~given]) == shapes.parse_caption(p)[0]
+                    for e, v, p in zip(errs, videos, prompts)]
+        else:  # edit: another color, the same shape and direction
+          colors = shapes.COLOR_NAMES
+          prompts = []
+          for c in cases:
+            color, shape, direction = shapes.parse_caption(c['caption'])
+            other = [x for x in colors if x != color]
+            prompts.append(shapes.caption(other[int(rng.integers(len(other)))], shape, direction))
+          videos = sample.generate(model, prompts, edit=clips, strength=FLAGS.strength, seed=seed, **kw)
+          errs = [path_error(v, c, np.ones(T, bool)) for v, c in zip(videos, clips)]
+          errors.extend(errs)
+          judged = [e <= FLAGS.max_error_px and adherence.judge_color(v) == shapes.parse_caption(p)[0]
+                    for e, v, p in zip(errs, videos, prompts)]
+        right.extend(judged)
+      result[mode] = round(float(np.mean(right)), 3)
+      if errors:
+        finite = [e for e in errors if np.isfinite(e)]
+        result[f'{mode}_error_px'] = round(float(np.median(finite)), 2) if finite else None
+    result.update(exact_given=all(exact), seconds=round(time.time() - start, 1), strength=FLAGS.strength,
+                  guidance_scale=FLAGS.guidance_scale, frame_guidance_scale=FLAGS.frame_guidance_scale)
+    print(json.dumps(result))
+  except UsageError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

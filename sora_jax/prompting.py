@@ -1,0 +1,186 @@
+r"""Prompting with images and videos, all from one frame-conditioned model (`sample.generate`'s
+`given` frames; training draws the masks, `sora_jax.diffusion.frame_conditioning`).
+
+  image-to-video   keyframes(model, prompts, [(image, 0)])
+  interpolation    keyframes(model, prompts, [(first, 0), (last, -1)])
+  extension        extend(model, prompts, video) / extend(..., backward=True)
+  editing (SDEdit) edit(model, prompts, video, strength=0.6)
+  loops            any of the above with loop=True
+  long videos      frames=N beyond the training length, in any mode
+
+The model generates clips of the training length T. Longer outputs are made window by window:
+each next window of T frames is given the last T/2 frames made so far (or the first T/2, going
+backward) plus any keyframes it covers, and generates the rest. A loop regenerates the last T/2
+frames as the bridge between the frames before them and the first T/4 frames of the video.
+
+Images and videos of another size are resized to cover the output and center-cropped
+(`read_image`, `read_video`, which say so in one line).
+"""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from sora_jax import UsageError, video
+from sora_jax.data.folder import fit
+
+
+def _fit_frames(frames_thwc: np.ndarray, height: int, width: int, path: str) -> tuple[np.ndarray, str | None]:
+  h, w = frames_thwc.shape[1:3]
+  if (h, w) == (height, width):
+    return frames_thwc, None
+  out = np.stack([fit(Image.fromarray(f), height, width) for f in frames_thwc])
+  return out, f'{path}: {w}x{h} resized and center-cropped to {width}x{height}'
+
+
+def read_image(path: str, height: int, width: int) -> tuple[np.ndarray, str | None]:
+  """(uint8 [height, width, 3], a note if it was resized); a file that is not an image is a UsageError."""
+  try:
+    with Image.open(path) as im:
+      image = np.asarray(im.convert('RGB'))
+  except (OSError, ValueError) as e:
+    raise UsageError(f'cannot read image {path}: {getattr(e, "strerror", None) or e}') from None
+  frames, note = _fit_frames(image[None], height, width, path)
+  return frames[0], note
+
+
+def read_video(path: str, height: int, width: int) -> tuple[np.ndarray, str | None]:
+  """(uint8 [T, height, width, 3], a note if it was resized) of an .mp4 or .gif (an image: one frame)."""
+  if not os.path.isfile(path):
+    raise UsageError(f'cannot read video {path}: no such file')
+  try:
+    frames = video.read(path)
+  except Exception as e:  # noqa: BLE001 -- av and PIL raise many kinds
+    try:
+      return (lambda im_note: (im_note[0][None], im_note[1]))(read_image(path, height, width))
+    except UsageError:
+      raise UsageError(f'cannot read video {path}: {e}') from None
+  if not len(frames):
+    raise UsageError(f'cannot read video {path}: no frames')
+  return _fit_frames(frames, height, width, path)
+
+
+def _index(index: int, frames: int, what: str) -> int:
+  i = index + frames if index < 0 else index
+  if not 0 <= i < frames:
+    raise UsageError(f'{what}: frame index {index} is outside an output of {frames} frames')
+  return i
+
+
+def windows(frames: int, window: int, backward: bool = False) -> list[int]:
+  """Start frames of the generation windows covering [0, frames): consecutive windows overlap by
+  window // 2 frames, the last one ends exactly at `frames` (backward: the first at 0)."""
+  if frames <= window:
+    return [0]
+  step = window - window // 2
+  starts = list(range(0, frames - window, step)) + [frames - window]
+  return [frames - window - s for s in starts] if backward else starts
+
+
+def generate_frames(model, prompts: list, given: dict, *, frames: int | None = None, backward: bool = False,
+                    loop: bool = False, seed: int = 0, **sample_kw) -> np.ndarray:
+  """uint8 [len(prompts), frames, H, W, 3] with frame i equal to `given[i]` (uint8 [H, W, 3], the same
+  for every prompt) for each given index, the rest generated window by window (module docstring).
+  `sample_kw` go to `sample.generate` (steps, guidance scales, stochasticity, negative prompt)."""
+  from sora_jax import sample
+  cfg = model.config
+  T, H, W = cfg.data.frames, cfg.data.height, cfg.data.width
+  frames = frames or T
+  if frames < 1:
+    raise UsageError(f'frames={frames}: need at least one frame')
+  b = len(prompts)
+  out = np.zeros((b, max(frames, T), H, W, 3), np.uint8)
+  known = np.zeros(max(frames, T), bool)
+  for i, image in given.items():
+    out[:, i], known[i] = image, True
+  for w, start in enumerate(windows(max(frames, T), T, backward)):
+    window_known = known[start:start + T]
+    if window_known.all():
+      continue
+    any_given = window_known.any()
+    clips = sample.generate(model, prompts, seed=seed + 7919 * w, given=out[:, start:start + T] if any_given else None,
+                            given_mask=window_known if any_given else None, **sample_kw)
+    out[:, start:start + T] = clips
+    known[start:start + T] = True
+  out = out[:, :frames]
+  if loop:
+    out = close_loop(model, prompts, out, keep=sorted(given), seed=seed, **sample_kw)
+  return out
+
+
+def close_loop(model, prompts: list, videos: np.ndarray, *, keep=(), seed: int = 0, **sample_kw) -> np.ndarray:
+  """Regenerates the last T/2 frames of `videos` [b, N, H, W, 3] so that they lead from the frames
+  before them into the first frames: one window [N - 3T/4 .. N - T/2 | T/2 new | 0 .. T/4).
+  Frames at the indices `keep` (given keyframes) stay."""
+  from sora_jax import sample
+  T = model.config.data.frames
+  n = videos.shape[1]
+  new, before = T // 2, T // 4
+  after = T - new - before
+  if n < T or new < 1 or before < 1 or after < 1:
+    raise UsageError(f'loop: needs an output of at least the training length ({T} frames) and T >= 4')
+  window = np.concatenate([videos[:, n - new - before:n - new], videos[:, n - new:], videos[:, :after]], axis=1)
+  mask = np.zeros(T, bool)
+  mask[:before] = mask[before + new:] = True
+  for i in keep:
+    if n - new <= i < n:
+      mask[before + i - (n - new)] = True
+  clips = sample.generate(model, prompts, seed=seed + 7919 * 999, given=window, given_mask=mask, **sample_kw)
+  return np.concatenate([videos[:, :n - new], clips[:, before:before + new]], axis=1)
+
+
+def given_frames(frames: int, keyframes: list = (), clip_thwc: np.ndarray | None = None,
+                 backward: bool = False) -> tuple[dict, str | None]:
+  """({output frame index: uint8 [H, W, 3]}, a note if the clip was cut) for an output of `frames`
+  frames: `keyframes` [(image, index)] at their indices (negative: from the end), and a clip that
+  the output starts with (backward: ends with). A clip of `frames` frames or more gives its last
+  (backward: first) frames // 2 frames."""
+  given, note = {}, None
+  if clip_thwc is not None:
+    g = len(clip_thwc)
+    if g >= frames:
+      keep = frames // 2
+      if keep < 1:
+        raise UsageError(f'extend: an output of {frames} frame(s) leaves no frame to generate')
+      clip_thwc = clip_thwc[:keep] if backward else clip_thwc[g - keep:]
+      note = (f'extend: the video has {g} frames, the output {frames}: keeping its '
+              f'{"first" if backward else "last"} {keep}')
+    offset = frames - len(clip_thwc) if backward else 0
+    given.update({offset + i: f for i, f in enumerate(clip_thwc)})
+  for image, index in keyframes:
+    given[_index(index, frames, 'keyframe')] = image
+  if len(given) >= frames:
+    raise UsageError(f'every one of the {frames} output frames is given: nothing to generate')
+  return given, note
+
+
+def keyframes(model, prompts: list, images: list, *, frames: int | None = None, **kw) -> np.ndarray:
+  """Videos with `images` [(uint8 [H, W, 3], index)] at their frame indices (negative: from the end):
+  image-to-video with one image at 0, interpolation with images at 0 and -1."""
+  frames = frames or model.config.data.frames
+  return generate_frames(model, prompts, given_frames(frames, images)[0], frames=frames, **kw)
+
+
+def extend(model, prompts: list, clip_thwc: np.ndarray, *, frames: int | None = None, backward: bool = False,
+           **kw) -> tuple[np.ndarray, str | None]:
+  """(videos of `frames` frames that start with the frames of `clip_thwc` and continue them (backward:
+  end with them and show what came before), a note if the clip was cut; see `given_frames`)."""
+  frames = frames or model.config.data.frames
+  given, note = given_frames(frames, clip_thwc=clip_thwc, backward=backward)
+  return generate_frames(model, prompts, given, frames=frames, backward=backward, **kw), note
+
+
+def edit(model, prompts: list, clip_thwc: np.ndarray, *, strength: float, seed: int = 0,
+         **sample_kw) -> tuple[np.ndarray, str | None]:
+  """SDEdit: `clip_thwc` noised to level `strength` in (0, 1] and denoised with `prompts`: layout and
+  motion stay, what the prompt changes changes. Uses the clip's first T frames (T: training length);
+  a shorter clip holds its last frame (said in the note)."""
+  from sora_jax import sample
+  T = model.config.data.frames
+  note = None
+  if len(clip_thwc) != T:
+    note = f'edit: the video has {len(clip_thwc)} frames; using {T}' + (
+        ' (its last frame held)' if len(clip_thwc) < T else ' (its first ones)')
+    clip_thwc = np.concatenate([clip_thwc, np.repeat(clip_thwc[-1:], max(T - len(clip_thwc), 0), 0)])[:T]
+  return sample.generate(model, prompts, seed=seed, edit=clip_thwc, strength=strength, **sample_kw), note

@@ -1,0 +1,285 @@
+"""Frame conditioning: the training masks, the loss, the DiT's mask embedding and the sampler's
+given frames (image-to-video, extension, interpolation, loops, editing)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sora_jax import prompting
+from sora_jax.diffusion import frame_conditioning as fc
+from sora_jax.diffusion import rectified_flow as rf
+from sora_jax.models import dit
+
+ALL = dict(first=1, first_k=1, last=1, first_last=1, keyframes=1)
+
+
+@pytest.mark.parametrize('name, frames, expected', [
+    ('first', 4, [1, 0, 0, 0]),
+    ('last', 4, [0, 0, 0, 1]),
+    ('first_last', 4, [1, 0, 0, 1]),
+    ('first_last', 2, [0, 0]),  # would leave nothing to generate: unconditioned instead
+])
+def test_each_strategy_gives_its_mask(name, frames, expected):
+  masks = fc.sample_masks(jax.random.key(0), 16, frames, probability=1.0, weights={name: 1.0})
+  np.testing.assert_array_equal(masks, np.broadcast_to(np.array(expected, bool), (16, frames)))
+
+
+def test_first_k_gives_prefixes_of_every_length_and_keyframes_never_cover_the_clip():
+  masks = np.asarray(fc.sample_masks(jax.random.key(1), 512, 6, probability=1.0, weights={'first_k': 1}))
+  k = masks.sum(1)
+  assert set(k) == {1, 2, 3, 4, 5}
+  np.testing.assert_array_equal(masks, np.arange(6)[None] < k[:, None])  # prefixes
+  keys = np.asarray(fc.sample_masks(jax.random.key(2), 512, 4, probability=1.0, weights={'keyframes': 1},
+                                    keyframe_rate=0.9))
+  assert keys.any() and not keys.all(axis=1).any()
+
+
+def test_probability_sets_the_conditioned_share_and_one_frame_clips_are_never_conditioned():
+  masks = np.asarray(fc.sample_masks(jax.random.key(3), 4000, 8, probability=0.3, weights=ALL))
+  assert abs(masks.any(1).mean() - 0.3 * (1 - 0.2 * (0.7 ** 8 + 0.3 ** 8))) < 0.03
+  assert not np.asarray(fc.sample_masks(jax.random.key(3), 64, 8, probability=0.0, weights=ALL)).any()
+  assert not np.asarray(fc.sample_masks(jax.random.key(3), 64, 1, probability=1.0, weights=ALL)).any()
+  with pytest.raises(ValueError, match='unknown frame conditioning strategies'):
+    fc.sample_masks(jax.random.key(0), 2, 4, probability=1.0, weights={'middle': 1})
+
+
+def test_latent_masks_follow_a_causal_vaes_frame_spans():
+  pixel = np.zeros(9, bool)
+  np.testing.assert_array_equal(fc.latent_frame_mask(np.eye(9, dtype=bool)[0], 4), [1, 0, 0])
+  np.testing.assert_array_equal(fc.latent_frame_mask(np.eye(9, dtype=bool)[8], 4), [0, 0, 1])
+  pixel[:5] = True
+  np.testing.assert_array_equal(fc.latent_frame_mask(pixel, 4), [1, 1, 0])
+  np.testing.assert_array_equal(fc.latent_frame_mask(pixel, 1), pixel)
+
+
+def test_the_loss_sees_given_frames_clean_and_ignores_the_networks_output_on_them():
+  x0 = jax.random.normal(jax.random.key(0), (2, 4, 3, 3, 1))
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  t = jnp.array([0.5, 0.9])
+  given = jnp.array([[True, False, False, False], [True, True, False, True]])
+  seen = []
+
+  def net(x_t, t_b, bump):
+    seen.append(x_t)
+    return x0 + bump
+
+  bump_given = jnp.where(given[..., None, None, None], 5.0, 0.0)  # wrong only on given frames
+  loss_given, _ = rf.loss(lambda x, tb: net(x, tb, bump_given), x0, noise, t, prediction_type='x0',
+                          given_bt=given)
+  assert float(loss_given) == 0.0
+  np.testing.assert_array_equal(np.asarray(seen[0])[np.asarray(given)], np.asarray(x0)[np.asarray(given)])  # clean
+  assert not np.allclose(np.asarray(seen[0])[~np.asarray(given)], np.asarray(x0)[~np.asarray(given)])
+  loss_other, per_sample = rf.loss(lambda x, tb: net(x, tb, 1.0 - bump_given / 5), x0, noise, t,
+                                   prediction_type='x0', min_t=0.0, given_bt=given)
+  np.testing.assert_allclose(per_sample, 1 / t ** 2, rtol=1e-6)  # mean over generated values only
+
+
+def tiny_dit(frame_conditioning=True):
+  """A random DiT with every parameter perturbed (adaLN-Zero would make its output 0)."""
+  model = dit.DiT(channels=3, patch=(2, 4, 4), width=32, depth=1, num_heads=2, text_width=16, text_depth=1,
+                  text_heads=2, frame_conditioning=frame_conditioning, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  nnx.update(model, jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]))
+  return model
+
+
+def test_the_dit_marks_given_frames_and_an_empty_mask_is_no_mask():
+  model = tiny_dit()
+  x = jax.random.normal(jax.random.key(0), (2, 4, 8, 8, 3))
+  t, tokens, tmask = jnp.array([0.3, 0.7]), jnp.ones((2, 5), jnp.int32), jnp.ones((2, 5), bool)
+  plain = model(x, t, tokens, tmask)
+  np.testing.assert_allclose(model(x, t, tokens, tmask, frame_mask_bt=jnp.zeros((2, 4), bool)), plain, atol=1e-6)
+  marked = model(x, t, tokens, tmask, frame_mask_bt=jnp.array([[1, 0, 0, 0], [0, 0, 0, 0]], bool))
+  assert not np.allclose(marked[0], plain[0], atol=1e-4)
+  np.testing.assert_allclose(marked[1], plain[1], atol=1e-6)
+  with pytest.raises(ValueError, match='frame_conditioning'):
+    tiny_dit(False)(x, t, tokens, tmask, frame_mask_bt=jnp.zeros((2, 4), bool))
+
+
+@pytest.mark.parametrize('frames, window, backward, expected', [
+    (8, 8, False, [0]), (5, 8, False, [0]), (16, 8, False, [0, 4, 8]), (13, 8, False, [0, 4, 5]),
+    (13, 8, True, [5, 1, 0]),
+])
+def test_windows_overlap_by_half_and_end_at_the_output(frames, window, backward, expected):
+  assert prompting.windows(frames, window, backward) == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# A tiny frame-conditioned model (configs/shapes.py:tiny trains with frame conditioning on).
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def conditioned_workdir(data_dir, tmp_path_factory):
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import shapes as shapes_config
+  from sora_jax import train
+  config = shapes_config.get_config('tiny')
+  config.data.data_dir = data_dir
+  config.sample.prompts = ()
+  assert config.model.frame_conditioning and config.frame_conditioning.probability > 0
+  workdir = str(tmp_path_factory.mktemp('conditioned') / 'run')
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def clip(direction='right', color='red', frames=8):
+  from sora_jax.data import shapes
+  start = {'right': (16, 8), 'left': (16, 24), 'down': (8, 16), 'up': (24, 16)}[direction]
+  return shapes.render_clip(color, 'circle', direction, frames=frames, height=32, width=32, object_size=12,
+                            start_yx=start, displacement=12)
+
+
+PROMPTS = ['a red circle moving right', 'a blue square moving up']
+
+
+def test_every_mode_returns_the_given_frames_unchanged(conditioned_workdir):
+  from sora_jax import sample
+  model = sample.load(conditioned_workdir)
+  c = clip()
+  kw = dict(num_steps=2)
+  v = prompting.keyframes(model, PROMPTS, [(c[0], 0)], **kw)  # image-to-video
+  assert v.shape == (2, 8, 32, 32, 3) and (v[:, 0] == c[0]).all()
+  v = prompting.keyframes(model, PROMPTS, [(c[0], 0), (c[-1], -1)], frame_guidance_scale=2.0, **kw)
+  assert (v[:, 0] == c[0]).all() and (v[:, -1] == c[-1]).all()
+  v, note = prompting.extend(model, PROMPTS, c[:3], frames=13, **kw)  # 3 windows
+  assert v.shape[1] == 13 and (v[:, :3] == c[:3]).all() and note is None
+  v, note = prompting.extend(model, PROMPTS, c, backward=True, **kw)
+  assert (v[:, 4:] == c[:4]).all() and 'keeping its first 4' in note
+  v = prompting.keyframes(model, PROMPTS, [(c[0], 0), (c[6], -2)], loop=True, **kw)
+  assert v.shape[1] == 8 and (v[:, 0] == c[0]).all() and (v[:, 6] == c[6]).all()
+  v, _ = prompting.edit(model, PROMPTS, c, strength=0.5, **kw)
+  assert v.shape == (2, 8, 32, 32, 3)
+  # The same seed and prompt give the same video whatever else is in the batch.
+  one = prompting.keyframes(model, PROMPTS[:1], [(c[0], 0)], **kw)
+  np.testing.assert_array_equal(one[0], prompting.keyframes(model, PROMPTS, [(c[0], 0)], **kw)[0])
+
+
+def test_sdedit_at_full_strength_is_plain_sampling_and_below_it_starts_from_the_input(conditioned_workdir):
+  from sora_jax import sample
+  model = sample.load(conditioned_workdir)
+  full = sample.generate(model, PROMPTS, edit=clip(), strength=1.0, num_steps=2, seed=3)
+  np.testing.assert_array_equal(full, sample.generate(model, PROMPTS, num_steps=2, seed=3))
+  right = sample.generate(model, PROMPTS, edit=clip('right'), strength=0.5, num_steps=2, seed=3)
+  left = sample.generate(model, PROMPTS, edit=clip('left'), strength=0.5, num_steps=2, seed=3)
+  assert not np.array_equal(right, left) and not np.array_equal(right, full)
+
+
+def test_bad_inputs_are_one_line_errors(conditioned_workdir, tmp_path):
+  from sora_jax import UsageError, sample
+  bad = tmp_path / 'notes.png'
+  bad.write_text('not an image')
+  with pytest.raises(UsageError, match='cannot read image .*notes.png'):
+    prompting.read_image(str(bad), 32, 32)
+  with pytest.raises(UsageError, match='cannot read video .*missing.gif'):
+    prompting.read_video(str(tmp_path / 'missing.gif'), 32, 32)
+  with pytest.raises(UsageError, match='frame index 8 is outside an output of 8 frames'):
+    prompting.given_frames(8, [(clip()[0], 8)])
+  with pytest.raises(UsageError, match='use PATH@INDEX'):
+    sample.parse_keyframes(['first.png'])
+  assert sample.parse_keyframes(['a@b.png@-1']) == [('a@b.png', -1)]
+  model = sample.load(conditioned_workdir)
+  with pytest.raises(UsageError, match='strength=0'):
+    sample.generate(model, PROMPTS, edit=clip(), strength=0)
+  plain = sample.Model(**{**model.__dict__, 'config': model.config.copy_and_resolve_references()})
+  plain.config.model.frame_conditioning = False
+  with pytest.raises(UsageError, match='trained without frame conditioning'):
+    sample.generate(plain, PROMPTS, given=clip(), given_mask=np.eye(8, dtype=bool)[0])
+
+
+def test_images_of_another_size_are_resized_and_center_cropped_with_a_note(tmp_path):
+  from PIL import Image
+  wide = np.zeros((32, 64, 3), np.uint8)
+  wide[:, 16:48] = 255  # the center square
+  Image.fromarray(wide).save(tmp_path / 'wide.png')
+  image, note = prompting.read_image(str(tmp_path / 'wide.png'), 16, 16)
+  assert image.shape == (16, 16, 3) and image.mean() > 250  # the bright center, not the dark sides
+  assert note.endswith('wide.png: 64x32 resized and center-cropped to 16x16')
+  assert prompting.read_image(str(tmp_path / 'wide.png'), 32, 64)[1] is None
+
+
+# Several CLI invocations in one process (absl parsing and `sample.main` as `python -m sora_jax.sample`
+# runs them), so that they share one compile: each flag end to end, and the bad-input errors.
+CLI_DRIVER = r'''
+import json, sys
+from absl import flags
+from sora_jax import sample
+sample.define_flags()
+results = []
+for argv in json.loads(sys.argv[1]):
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(['sample'] + argv)
+  try:
+    sample.main([])
+    results.append('ok')
+  except SystemExit as e:
+    results.append(str(e.code))
+print('RESULTS ' + json.dumps(results))
+'''
+
+
+@pytest.mark.slow
+def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  from PIL import Image
+  from sora_jax import video
+  from tests.conftest import subprocess_env
+  c = clip()
+  big_first = np.asarray(Image.fromarray(c[0]).resize((64, 64), Image.Resampling.NEAREST))
+  Image.fromarray(big_first).save(tmp_path / 'first.png')
+  Image.fromarray(c[-1]).save(tmp_path / 'last.png')
+  video.write(str(tmp_path / 'clip.gif'), c[:4])
+  common = [f'--workdir={conditioned_workdir}', '--prompt=a red circle moving right', '--steps=2']
+  out = lambda name: f'--out={tmp_path / name}'
+  runs = [
+      common + [out('kf.gif'), f'--keyframe={tmp_path}/first.png@0', f'--keyframe={tmp_path}/last.png@-1',
+                '--frames=12', '--loop', '--frame_guidance_scale=2'],
+      common + [out('ext.gif'), f'--extend={tmp_path}/clip.gif', '--frames=10'],
+      common + [out('back.gif'), f'--extend_backward={tmp_path}/clip.gif'],
+      common + [out('edit.gif'), f'--edit={tmp_path}/clip.gif', '--strength=0.7'],
+      common + [out('x.gif'), f'--keyframe={tmp_path}/nothing.png@0'],
+      common + [out('x.gif'), f'--keyframe={tmp_path}/first.png'],
+      common + [out('x.gif'), '--strength=0.5'],
+      common + [out('x.gif'), f'--extend={tmp_path}/clip.gif', f'--extend_backward={tmp_path}/clip.gif'],
+  ]
+  result = subprocess.run([sys.executable, '-c', CLI_DRIVER, json.dumps(runs)], cwd=os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+  assert 'RESULTS' in result.stdout, result.stderr[-3000:]
+  codes = json.loads(result.stdout.split('RESULTS ')[1])
+  assert codes[:4] == ['ok'] * 4, (codes, result.stderr[-3000:])
+  assert 'first.png: 64x64 resized and center-cropped to 32x32' in result.stdout
+  kf = video.read(str(tmp_path / 'kf.gif'))
+  first = prompting.read_image(str(tmp_path / 'first.png'), 32, 32)[0]  # resized as the CLI did
+  assert kf.shape == (12, 32, 32, 3) and (kf[0] == first).all() and (kf[-1] == c[-1]).all()
+  ext = video.read(str(tmp_path / 'ext.gif'))
+  assert ext.shape == (10, 32, 32, 3) and (ext[:4] == c[:4]).all()
+  back = video.read(str(tmp_path / 'back.gif'))
+  assert back.shape == (8, 32, 32, 3) and (back[4:] == c[:4]).all()
+  assert video.read(str(tmp_path / 'edit.gif')).shape == (8, 32, 32, 3)
+  assert 'cannot read image' in codes[4] and 'nothing.png' in codes[4]
+  assert 'use PATH@INDEX' in codes[5]
+  assert '--strength goes with --edit' in codes[6]
+  assert 'give one' in codes[7]
+  assert all('\n' not in code for code in codes)
+
+
+def test_a_conditioning_probability_without_the_models_mark_is_refused(tiny_config):
+  from sora_jax import UsageError, train
+  tiny_config.model.frame_conditioning = False
+  with pytest.raises(UsageError, match='config.model.frame_conditioning=True'):
+    train.validate_config(tiny_config, 8)
+  tiny_config.frame_conditioning.probability = 0.0
+  train.validate_config(tiny_config, 8)
+  tiny_config.model.frame_conditioning = True
+  tiny_config.frame_conditioning.update(probability=0.5, strategies={'middle': 1.0})
+  with pytest.raises(UsageError, match="unknown \\['middle'\\]"):
+    train.validate_config(tiny_config, 8)
