@@ -104,8 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # frames, by a strategy drawn with these weights (sora_jax/diffusion/frame_conditioning.py); the
   # loss covers the other frames only. 0 trains plain text-to-video.
   config.frame_conditioning = dict(
-      probability=0.5,
-      strategies=dict(first=1.0, first_k=1.0, last=0.5, first_last=1.0, keyframes=0.5),
+      probability=0.6,
+      strategies=dict(first=1.0, first_k=2.0, last=0.5, last_k=1.0, first_last=1.0, keyframes=0.5),
       keyframe_rate=0.3,  # 'keyframes': each frame given with this probability
       noise_max=0.0,  # given frames noised to a level drawn from U(0, noise_max); 0: clean
   )

@@ -48,10 +48,10 @@ def _sample_latents(params, graphdef, noise, start, cond, null_cond, guidance_sc
                     stochasticity: float, t_start: float = 1.0, frame_guidance: bool = False):
   """Latents [b, T, H, W, c] integrated from `start` (the noise, or for SDEdit the input at t_start).
 
-  Guidance: v = v(null) + s (v(text) - v(null)). With given frames (`given`: `x` the clean latents,
-  `mask_bt`) every branch sees them, unless `frame_guidance`: then with s_f = frame_guidance_scale,
-  v = v(null, no frames) + s_f (v(null, frames) - v(null, no frames)) + s (v(text, frames) - v(null, frames)).
-  The given frames follow their own path (1 - t) x + t noise and come back exactly.
+  One batched call per step evaluates the guidance branches (`rf.guidance`): text and null caption,
+  both seeing the given frames (`given`: `x` the clean latents, `mask_bt`), and with
+  `frame_guidance` the null caption without them. The given frames follow their own path
+  (1 - t) x + t noise and come back exactly.
   """
   net = nnx.merge(graphdef, params)
   if given is None:
@@ -74,9 +74,7 @@ def _sample_latents(params, graphdef, noise, start, cond, null_cond, guidance_sc
     # The exact v = (x_t - x0) / t: the last Euler step then lands on x0.
     v = rf.to_velocity(net(xs, ts, **conds, **extra), xs, ts, prediction_type=prediction)
     v = jnp.split(v, len(branches))
-    out = v[1] + guidance_scale * (v[0] - v[1])
-    if frame_guidance:
-      out = out + (frame_guidance_scale - 1.0) * (v[1] - v[2])
+    out = rf.guidance(v[0], v[1], guidance_scale, v[2] if frame_guidance else None, frame_guidance_scale)
     if given is not None:  # given frames stay on their noising path
       out = fc.apply_to_input(out, noise - given['x'], given['mask_bt'])
     return out
@@ -262,7 +260,7 @@ def define_flags():
   flags.DEFINE_string('extend', None, 'A video the output starts with and continues.')
   flags.DEFINE_string('extend_backward', None, 'A video the output ends with: what came before it.')
   flags.DEFINE_string('edit', None, 'SDEdit: a video noised to --strength and denoised with the prompt.')
-  flags.DEFINE_float('strength', None, 'SDEdit noise level in (0, 1] (default 0.6): higher changes more.')
+  flags.DEFINE_float('strength', None, 'SDEdit noise level in (0, 1] (default 0.7): higher changes more.')
   flags.DEFINE_bool('loop', False, 'Make the last frame lead back into the first.')
   flags.DEFINE_integer('frames', None, 'Output frames (default: the training length); longer outputs are '
                        'made window by window, each given the last half of the previous one.')
@@ -301,7 +299,7 @@ def check_prompting_flags() -> None:
     raise UsageError('--strength goes with --edit')
   if FLAGS.edit and (FLAGS.keyframe or FLAGS.extend or FLAGS.extend_backward or FLAGS.loop or FLAGS.frames):
     raise UsageError('--edit combines with the prompt, guidance, seed and steps only')
-  if FLAGS.edit and not 0 < (FLAGS.strength if FLAGS.strength is not None else 0.6) <= 1:
+  if FLAGS.edit and not 0 < (FLAGS.strength if FLAGS.strength is not None else 0.7) <= 1:
     raise UsageError(f'--strength={FLAGS.strength}: use a noise level in (0, 1]')
   if FLAGS.frames is not None and FLAGS.frames < 1:
     raise UsageError(f'--frames={FLAGS.frames}: need at least one frame')
@@ -321,7 +319,7 @@ def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np
 
   if FLAGS.edit:
     videos, note = prompting.edit(model, prompts, read(prompting.read_video, FLAGS.edit),
-                                  strength=0.6 if FLAGS.strength is None else FLAGS.strength, **kw)
+                                  strength=0.7 if FLAGS.strength is None else FLAGS.strength, **kw)
     notes.append(note)
   else:
     frames = FLAGS.frames or cfg.data.frames

@@ -12,7 +12,7 @@ from sora_jax.diffusion import frame_conditioning as fc
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.models import dit
 
-ALL = dict(first=1, first_k=1, last=1, first_last=1, keyframes=1)
+ALL = dict(first=1, first_k=1, last=1, last_k=1, first_last=1, keyframes=1)
 
 
 @pytest.mark.parametrize('name, frames, expected', [
@@ -26,11 +26,15 @@ def test_each_strategy_gives_its_mask(name, frames, expected):
   np.testing.assert_array_equal(masks, np.broadcast_to(np.array(expected, bool), (16, frames)))
 
 
-def test_first_k_gives_prefixes_of_every_length_and_keyframes_never_cover_the_clip():
+def test_first_k_and_last_k_give_prefixes_and_suffixes_of_every_length_and_keyframes_never_cover_the_clip():
   masks = np.asarray(fc.sample_masks(jax.random.key(1), 512, 6, probability=1.0, weights={'first_k': 1}))
   k = masks.sum(1)
   assert set(k) == {1, 2, 3, 4, 5}
   np.testing.assert_array_equal(masks, np.arange(6)[None] < k[:, None])  # prefixes
+  masks = np.asarray(fc.sample_masks(jax.random.key(1), 512, 6, probability=1.0, weights={'last_k': 1}))
+  k = masks.sum(1)
+  assert set(k) == {1, 2, 3, 4, 5}
+  np.testing.assert_array_equal(masks, np.arange(6)[None] >= 6 - k[:, None])  # suffixes
   keys = np.asarray(fc.sample_masks(jax.random.key(2), 512, 4, probability=1.0, weights={'keyframes': 1},
                                     keyframe_rate=0.9))
   assert keys.any() and not keys.all(axis=1).any()
@@ -38,7 +42,7 @@ def test_first_k_gives_prefixes_of_every_length_and_keyframes_never_cover_the_cl
 
 def test_probability_sets_the_conditioned_share_and_one_frame_clips_are_never_conditioned():
   masks = np.asarray(fc.sample_masks(jax.random.key(3), 4000, 8, probability=0.3, weights=ALL))
-  assert abs(masks.any(1).mean() - 0.3 * (1 - 0.2 * (0.7 ** 8 + 0.3 ** 8))) < 0.03
+  assert abs(masks.any(1).mean() - 0.3 * (1 - (0.7 ** 8 + 0.3 ** 8) / 6)) < 0.03
   assert not np.asarray(fc.sample_masks(jax.random.key(3), 64, 8, probability=0.0, weights=ALL)).any()
   assert not np.asarray(fc.sample_masks(jax.random.key(3), 64, 1, probability=1.0, weights=ALL)).any()
   with pytest.raises(ValueError, match='unknown frame conditioning strategies'):

@@ -45,12 +45,13 @@ def test_euler_sampler_learns_nothing_it_is_not_told_two_point_mixture():
 
 
 def test_guidance_scale_one_is_the_conditional_velocity_and_zero_the_unconditional():
-  v = lambda x, t_b, cond: x * cond[:, None]
-  x, t = jnp.ones((2, 3)), jnp.ones(2)
-  cond, null = jnp.array([2.0, 3.0]), jnp.array([0.5, 0.5])
-  np.testing.assert_allclose(rf.guided(v, cond, null, 1.0)(x, t), v(x, t, cond))
-  np.testing.assert_allclose(rf.guided(v, cond, null, 0.0)(x, t), v(x, t, null))
-  np.testing.assert_allclose(rf.guided(v, cond, null, 3.0)(x, t), x * (0.5 + 3 * (cond - 0.5))[:, None])
+  v_text, v_null, v_bare = jnp.array([2.0, 3.0]), jnp.array([0.5, 0.5]), jnp.array([0.1, -0.2])
+  np.testing.assert_allclose(rf.guidance(v_text, v_null, 1.0), v_text)
+  np.testing.assert_allclose(rf.guidance(v_text, v_null, 0.0), v_null)
+  np.testing.assert_allclose(rf.guidance(v_text, v_null, 3.0), 0.5 + 3 * (v_text - 0.5))
+  # Frame guidance 1 adds nothing; 0 drops the frames' effect from the null branch.
+  np.testing.assert_allclose(rf.guidance(v_text, v_null, 2.0, v_bare, 1.0), rf.guidance(v_text, v_null, 2.0))
+  np.testing.assert_allclose(rf.guidance(v_text, v_null, 1.0, v_bare, 0.0), v_text - v_null + v_bare)
 
 
 def test_timesteps_are_in_range_and_the_high_noise_share_is_respected():

@@ -99,6 +99,12 @@ def test_a_dit_trains_and_samples_in_the_latent_of_an_imported_vae(tiny_config, 
   model = sample.load(str(tmp_path / 'run'))
   videos = sample.generate(model, ['a red circle moving right'], seed=0)
   assert videos.shape == (1, 5, 32, 32, 3) and videos.dtype == np.uint8
+  # Image-to-video through the causal VAE: the image is latent frame 0 (it encodes frame 0 alone).
+  from sora_jax import prompting
+  image = np.zeros((32, 32, 3), np.uint8)
+  image[8:20, 8:20] = (255, 0, 0)
+  animated = prompting.keyframes(model, ['a red circle moving right'], [(image, 0)], seed=0)
+  assert animated.shape == (1, 5, 32, 32, 3) and not np.array_equal(animated, videos)
 
 
 def test_data_sizes_the_vae_cannot_take_are_a_config_error(tiny_config, wan_vae_dir):

@@ -16,7 +16,7 @@ import numpy as np
 
 # The strategies a conditioned training sample draws from (`config.frame_conditioning.strategies`
 # gives their weights). The unconditioned share is 1 - `config.frame_conditioning.probability`.
-STRATEGIES = ('first', 'first_k', 'last', 'first_last', 'keyframes')
+STRATEGIES = ('first', 'first_k', 'last', 'last_k', 'first_last', 'keyframes')
 
 
 def sample_masks(rng, batch: int, frames: int, *, probability: float, weights: dict,
@@ -24,9 +24,10 @@ def sample_masks(rng, batch: int, frames: int, *, probability: float, weights: d
   """bool [batch, frames]: which latent frames each sample is given.
 
   A sample is conditioned with `probability`; it then draws a strategy by `weights` (name ->
-  weight, names from STRATEGIES): 'first' frame 0; 'first_k' frames [0, k) with k uniform in
-  [1, frames - 1]; 'last' the last frame; 'first_last' both ends; 'keyframes' each frame with
-  `keyframe_rate`. At least one frame is always generated: a mask that would cover every frame
+  weight, names from STRATEGIES): 'first' frame 0 (image-to-video); 'first_k' frames [0, k) with k
+  uniform in [1, frames - 1] (extension); 'last' the last frame; 'last_k' the last k frames
+  (backward extension); 'first_last' both ends (interpolation, loops); 'keyframes' each frame
+  with `keyframe_rate`. At least one frame is always generated: a mask that would cover every frame
   (e.g. 'first_last' on 2 frames) becomes empty, and a 1-frame clip is never conditioned.
   """
   unknown = set(weights) - set(STRATEGIES)
@@ -43,6 +44,7 @@ def sample_masks(rng, batch: int, frames: int, *, probability: float, weights: d
       jnp.broadcast_to(f == 0, (batch, frames)),
       f < k_b1,
       jnp.broadcast_to(f == frames - 1, (batch, frames)),
+      f >= frames - k_b1,
       jnp.broadcast_to((f == 0) | (f == frames - 1), (batch, frames)),
       jax.random.bernoulli(r_key, keyframe_rate, (batch, frames)),
   ])  # [strategies, b, T]

@@ -112,16 +112,14 @@ def sample(velocity_fn: Callable, noise, *, num_steps: int, shift: float = 1.0, 
   return x
 
 
-def guided(velocity_fn: Callable, cond, null_cond, scale: float) -> Callable:
-  """Classifier-free guidance: v = v_null + scale (v_cond - v_null), in one batched call.
+def guidance(v_text, v_null, scale: float, v_no_frames=None, frame_scale: float = 1.0):
+  """Classifier-free guidance from the velocities of the guidance branches.
 
-  velocity_fn(x_t, t_b, cond) -> v; `cond` and `null_cond` are pytrees with a leading batch axis.
+  Text only: v = v_null + scale (v_text - v_null). With given frames (frame conditioning), v_text
+  and v_null both see them and `v_no_frames` (the null caption without them) adds separate
+  guidance toward the frames: v = v_no_frames + frame_scale (v_null - v_no_frames) + scale (v_text - v_null).
   """
-  both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, null_cond)
-
-  def fn(x, t_b):
-    v = velocity_fn(jnp.concatenate([x, x]), jnp.concatenate([t_b, t_b]), both)
-    v_cond, v_null = jnp.split(v, 2)
-    return v_null + scale * (v_cond - v_null)
-
-  return fn
+  v = v_null + scale * (v_text - v_null)
+  if v_no_frames is not None:
+    v = v + (frame_scale - 1.0) * (v_null - v_no_frames)
+  return v
