@@ -19,13 +19,14 @@ Inputs are clips rendered here (`shapes.render_clip`, attributes, start and spee
 """
 
 import json
+import os
 import sys
 import time
 
 import numpy as np
 from absl import app, flags
 
-from sora_jax import UsageError
+from sora_jax import UsageError, video
 from sora_jax.data import shapes
 from sora_jax.eval import adherence
 
@@ -39,6 +40,7 @@ flags.DEFINE_float('max_error_px', 1.5, 'Largest mean centroid error (pixels) of
 flags.DEFINE_float('guidance_scale', None, 'Text guidance scale (default: config).')
 flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config).')
 flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
+flags.DEFINE_string('out_dir', None, 'If set, write the first batch of each mode here as GIFs (input | output).')
 flags.DEFINE_string('modes', 'image_to_video,extend,extend_backward,interpolate,edit', 'Comma-separated modes.')
 FLAGS = flags.FLAGS
 MODES = ('image_to_video', 'extend', 'extend_backward', 'interpolate', 'edit')
@@ -139,6 +141,10 @@ def main(argv):
           judged = [e <= FLAGS.max_error_px and adherence.judge_color(v) == shapes.parse_caption(p)[0]
                     for e, v, p in zip(errs, videos, prompts)]
         right.extend(judged)
+        if FLAGS.out_dir and first == 0:
+          for i, (v, c, p, ok) in enumerate(zip(videos, clips, prompts, judged)):
+            name = f'{mode}_{i:03d}_{"right" if ok else "wrong"}_{p.replace(" ", "_")}.gif'
+            video.write(os.path.join(FLAGS.out_dir, name), np.concatenate([c, v], axis=2), upscale=2)
       result[mode] = round(float(np.mean(right)), 3)
       if errors:
         finite = [e for e in errors if np.isfinite(e)]

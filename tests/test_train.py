@@ -189,7 +189,8 @@ def test_remat_and_gradient_accumulation_give_the_plain_gradients(tiny_config):
   rng = np.random.default_rng(0)
   x0 = jnp.asarray(batch['video'], jnp.float32) / 127.5 - 1
   inputs = (x0, jnp.asarray(rng.normal(size=x0.shape), jnp.float32), jnp.linspace(0.05, 1.0, 8),
-            dict(tokens_bl=jnp.asarray(batch['tokens']), token_mask_bl=jnp.asarray(batch['token_mask'])))
+            dict(tokens_bl=jnp.asarray(batch['tokens']), token_mask_bl=jnp.asarray(batch['token_mask'])),
+            dict(mask_bt=jnp.asarray(np.arange(8)[None] < np.array([0, 1, 2, 4, 0, 3, 0, 6])[:, None])))  # given frames
 
   def loss_and_grads():
     graphdef, params = nnx.split(dit.from_config(config.model, 3, nnx.Rngs(0)), nnx.Param)
