@@ -52,10 +52,11 @@ def read_video(path: str, height: int, width: int) -> tuple[np.ndarray, str | No
   try:
     frames = video.read(path)
   except Exception as e:  # noqa: BLE001 -- av and PIL raise many kinds
-    try:
-      return (lambda im_note: (im_note[0][None], im_note[1]))(read_image(path, height, width))
+    try:  # a still image is a one-frame video
+      image, note = read_image(path, height, width)
     except UsageError:
       raise UsageError(f'cannot read video {path}: {e}') from None
+    return image[None], note
   if not len(frames):
     raise UsageError(f'cannot read video {path}: no frames')
   return _fit_frames(frames, height, width, path)

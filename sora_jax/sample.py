@@ -310,31 +310,28 @@ def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np
   from sora_jax import prompting
   cfg = model.config
   H, W = cfg.data.height, cfg.data.width
-  notes = []
 
   def read(reader, path):
     frames, note = reader(path, H, W)
-    notes.append(note)
+    if note:
+      print(note)
     return frames
 
   if FLAGS.edit:
     videos, note = prompting.edit(model, prompts, read(prompting.read_video, FLAGS.edit),
                                   strength=0.7 if FLAGS.strength is None else FLAGS.strength, **kw)
-    notes.append(note)
+    if note:
+      print(note)
   else:
     frames = FLAGS.frames or cfg.data.frames
     images = [(read(prompting.read_image, path), index) for path, index in keyframe_specs]
     clip_path = FLAGS.extend or FLAGS.extend_backward
     clip = read(prompting.read_video, clip_path) if clip_path else None
     given, note = prompting.given_frames(frames, images, clip, backward=bool(FLAGS.extend_backward))
-    notes.append(note)
-    for n in filter(None, notes):
-      print(n)
-    notes = []
+    if note:
+      print(note)
     videos = prompting.generate_frames(model, prompts, given, frames=frames, backward=bool(FLAGS.extend_backward),
                                        loop=FLAGS.loop, **kw)
-  for n in filter(None, notes):
-    print(n)
   return videos
 
 

@@ -136,13 +136,10 @@ def validate_frame_conditioning(config) -> None:
   if not config.model.get('frame_conditioning', False):
     raise UsageError(f'config.frame_conditioning.probability={fcc.probability} needs a model that marks given '
                      'frames: set config.model.frame_conditioning=True (or the probability to 0)')
-  unknown = set(fcc.strategies) - set(frame_conditioning.STRATEGIES)
-  if unknown:
-    raise UsageError(f'config.frame_conditioning.strategies: unknown {sorted(unknown)}; use '
-                     f'{frame_conditioning.STRATEGIES}')
-  weights = dict(fcc.strategies)
-  if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-    raise UsageError(f'config.frame_conditioning.strategies={weights}: weights must be >= 0 with a positive sum')
+  try:
+    frame_conditioning.strategy_weights(dict(fcc.strategies))
+  except ValueError as e:
+    raise UsageError(f'config.frame_conditioning.strategies: {e}') from None
 
 
 def _get(config, dotted: str):

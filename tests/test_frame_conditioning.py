@@ -45,7 +45,7 @@ def test_probability_sets_the_conditioned_share_and_one_frame_clips_are_never_co
   assert abs(masks.any(1).mean() - 0.3 * (1 - (0.7 ** 8 + 0.3 ** 8) / 6)) < 0.03
   assert not np.asarray(fc.sample_masks(jax.random.key(3), 64, 8, probability=0.0, weights=ALL)).any()
   assert not np.asarray(fc.sample_masks(jax.random.key(3), 64, 1, probability=1.0, weights=ALL)).any()
-  with pytest.raises(ValueError, match='unknown frame conditioning strategies'):
+  with pytest.raises(ValueError, match='unknown strategies'):
     fc.sample_masks(jax.random.key(0), 2, 4, probability=1.0, weights={'middle': 1})
 
 
@@ -285,5 +285,5 @@ def test_a_conditioning_probability_without_the_models_mark_is_refused(tiny_conf
   train.validate_config(tiny_config, 8)
   tiny_config.model.frame_conditioning = True
   tiny_config.frame_conditioning.update(probability=0.5, strategies={'middle': 1.0})
-  with pytest.raises(UsageError, match="unknown \\['middle'\\]"):
+  with pytest.raises(UsageError, match="unknown strategies \\['middle'\\]"):
     train.validate_config(tiny_config, 8)

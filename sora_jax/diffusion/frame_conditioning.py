@@ -19,6 +19,18 @@ import numpy as np
 STRATEGIES = ('first', 'first_k', 'last', 'last_k', 'first_last', 'keyframes')
 
 
+def strategy_weights(weights: dict) -> np.ndarray:
+  """The weights (name -> weight) as an array in STRATEGIES order; ValueError for unknown names,
+  negative weights or a zero sum."""
+  unknown = set(weights) - set(STRATEGIES)
+  if unknown:
+    raise ValueError(f'unknown strategies {sorted(unknown)}; use {STRATEGIES}')
+  w = np.array([float(weights.get(name, 0.0)) for name in STRATEGIES])
+  if (w < 0).any() or w.sum() <= 0:
+    raise ValueError(f'weights {dict(weights)} must be >= 0 with a positive sum')
+  return w
+
+
 def sample_masks(rng, batch: int, frames: int, *, probability: float, weights: dict,
                  keyframe_rate: float = 0.3):
   """bool [batch, frames]: which latent frames each sample is given.
@@ -30,15 +42,10 @@ def sample_masks(rng, batch: int, frames: int, *, probability: float, weights: d
   with `keyframe_rate`. At least one frame is always generated: a mask that would cover every frame
   (e.g. 'first_last' on 2 frames) becomes empty, and a 1-frame clip is never conditioned.
   """
-  unknown = set(weights) - set(STRATEGIES)
-  if unknown:
-    raise ValueError(f'unknown frame conditioning strategies {sorted(unknown)}; use {STRATEGIES}')
-  w = np.array([float(weights.get(name, 0.0)) for name in STRATEGIES])
-  if (w < 0).any() or (probability > 0 and w.sum() <= 0):
-    raise ValueError(f'frame conditioning weights {dict(weights)} must be >= 0 with a positive sum')
+  w = strategy_weights(weights)
   r_on, r_kind, r_k, r_key = jax.random.split(rng, 4)
   f = jnp.arange(frames)[None, :]  # [1, T]
-  kind_b = jax.random.choice(r_kind, len(STRATEGIES), (batch,), p=jnp.asarray(w / max(w.sum(), 1e-9)))
+  kind_b = jax.random.choice(r_kind, len(STRATEGIES), (batch,), p=jnp.asarray(w / w.sum()))
   k_b1 = jax.random.randint(r_k, (batch, 1), 1, max(frames, 2))
   masks = jnp.stack([
       jnp.broadcast_to(f == 0, (batch, frames)),
