@@ -41,11 +41,10 @@ class Model:
   text_encoder: object = None
 
 
-@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction', 'stochasticity', 't_start',
-                                   'frame_guidance'))
+@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction', 'stochasticity', 'frame_guidance'))
 def _sample_latents(params, graphdef, noise, start, cond, null_cond, guidance_scale, time_shift, rng_b,
                     given=None, frame_guidance_scale=1.0, *, num_steps: int, prediction: str,
-                    stochasticity: float, t_start: float = 1.0, frame_guidance: bool = False):
+                    stochasticity: float, t_start=1.0, frame_guidance: bool = False):
   """Latents [b, T, H, W, c] integrated from `start` (the noise, or for SDEdit the input at t_start).
 
   One batched call per step evaluates the guidance branches (`rf.guidance`): text and null caption,
@@ -173,7 +172,7 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   latents = _sample_latents(model.params, model.graphdef, noise, start, cond, null_cond, guidance_scale, time_shift,
                             rng_b, given_latents, frame_guidance_scale, num_steps=num_steps,
                             prediction=cfg.objective.prediction, stochasticity=float(stochasticity),
-                            t_start=t_start, frame_guidance=given is not None and frame_guidance_scale != 1.0)
+                            t_start=jnp.float32(t_start), frame_guidance=given is not None and frame_guidance_scale != 1.0)
   return video.to_uint8(jax.device_get(_decode(model.autoencoder, model.autoencoder.params, latents)))
 
 
