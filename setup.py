@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+NOTEBOOK = ['ipykernel', 'matplotlib', 'mediapy', 'imageio-ffmpeg', 'treescope']
+
 setup(
     name='sora_jax',
     version='0.1.0',
@@ -25,11 +27,17 @@ setup(
         'safetensors',  # pretrained weights (T5/UMT5 text encoders)
         'sentencepiece',  # T5 tokenizers (spiece.model)
         'tokenizers',  # T5 tokenizers saved as tokenizer.json only
+        'scipy',  # FVD's matrix square root
     ],
     extras_require={
+        # experiments/notebooks/analysis.ipynb (plus jupyter, or any notebook frontend)
+        'notebook': NOTEBOOK,
         # torch + transformers build the random reference models that pretrained-weight loaders are
         # checked against (no download); torch 2.13.0 installs from a local wheel here.
-        'test': ['pytest>=8', 'pytest-xdist', 'torch==2.13.0', 'transformers>=5', 'protobuf'],
+        # cd-fvd: its copy of piergiaj's PyTorch I3D is the reference of the I3D import; nbclient runs
+        # the notebook headlessly.
+        'test': ['pytest>=8', 'pytest-xdist', 'torch==2.13.0', 'transformers>=5', 'diffusers', 'protobuf',
+                 'cd-fvd', 'nbclient', 'nbformat', *NOTEBOOK],
         # libtpu: compile the real train step for a TPU slice ahead of time, on any machine
         # (experiments/benchmark.py --analyze_only --topology=v5p:4x4x4)
         'tpu': ['jax[tpu]'],

@@ -134,6 +134,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       frame_guidance_scale=1.0,  # guidance toward given frames (image-to-video, ...); 1: none extra
       prompts=PROMPTS,  # written to WORKDIR/samples/ at the end of training
   )
+  # Scored during training on the first num_videos validation clips (sora_jax/eval/evaluator.py):
+  # per-timestep validation loss, FVD against the clips, prompt adherence; in metrics.jsonl + TensorBoard.
+  config.eval = dict(
+      every_steps=1100,  # and after the last step; 0: never
+      num_videos=64,  # their captions are sampled; FVD compares at one num_videos only
+      timestep_buckets=8,  # eval/loss_t{centre} for t in 8 equal buckets
+      features='auto',  # FVD features: 'shapes_classifier' (auto on shapes), 'i3d' (+ i3d_path), 'none'
+      i3d_path=ml_collections.config_dict.placeholder(str),  # piergiaj InceptionI3d .pt / .npz
+      videos_to_tensorboard=4,
+  )
   config.mesh = sharding.MESH_PRESETS[options.get('mesh', 'dp')]  # sizes; -1: the remaining devices
   config.sharding_rules = SHARDING_RULES
 
@@ -150,4 +160,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.update(width=32, depth=1, num_heads=2, text_width=32, text_depth=1, text_heads=2)
     config.sample.num_steps = 2
     config.sample.prompts = PROMPTS[:2]
+    config.eval.update(every_steps=0, num_videos=8, timestep_buckets=4)  # on: --config.eval.every_steps=2
   return config

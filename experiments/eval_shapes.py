@@ -1,9 +1,13 @@
-r"""Prompt adherence of a `shapes` model: color, direction and shape accuracy in one JSON line.
+r"""Prompt adherence and FVD of a `shapes` model, in one JSON line.
 
   python experiments/eval_shapes.py --workdir=runs/shapes [--seeds=2] [--guidance_scale=3]
 
 Samples every caption (7 colors x 3 shapes x 4 directions = 84) once per seed with the EMA
-parameters and judges each video analytically (`sora_jax.eval.adherence`). Seeds start at 1000,
+parameters and judges each video analytically (`sora_jax.eval.adherence`: color, direction,
+shape, all) and by the shapes classifier's heads (`learned_*`). `fvd` compares the samples with
+the validation clips through the classifier's features (`sora_jax.eval.classifier`, trained and
+cached on first use); `--i3d_path` adds `fvd_i3d` through a Kinetics-400 I3D (clips of 9+ frames).
+FVD depends on the sample count: compare runs at the same --seeds. Seeds start at 1000,
 away from the seed of the training-time samples (`--first_seed`). `--ground_truth` scores validation clips
 instead, which checks the judge itself (it should print 1.0 everywhere).
 """
@@ -18,7 +22,7 @@ from absl import app, flags
 
 from sora_jax import UsageError, video
 from sora_jax.data import shapes
-from sora_jax.eval import adherence
+from sora_jax.eval import adherence, classifier, fvd
 
 flags.DEFINE_string('workdir', None, 'Training workdir.')
 flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest).')
@@ -32,6 +36,7 @@ flags.DEFINE_float('time_shift', None, 'Sampling time shift; < 1 spends more ste
                    '(default: config).')
 flags.DEFINE_string('out_dir', None, 'If set, also write every sample here as a GIF.')
 flags.DEFINE_bool('ground_truth', False, 'Score validation clips instead of samples.')
+flags.DEFINE_string('i3d_path', None, 'Also FVD through this I3D checkpoint (piergiaj .pt or converted .npz).')
 FLAGS = flags.FLAGS
 
 
@@ -67,6 +72,16 @@ def main(argv):
       for i, (p, v) in enumerate(zip(prompts, videos)):
         video.write(os.path.join(FLAGS.out_dir, f'{i:04d}_{p.replace(" ", "_")}.gif'), v)
     result = adherence.score(videos, prompts)
+    from sora_jax.data import pipeline
+    source = pipeline.data_source(model.config.data, 'validation')
+    real = [source[i]['video'] for i in range(len(source))]
+    clf = classifier.for_data(model.config.data)
+    result.update({f'learned_{k}': v for k, v in clf.adherence(videos, prompts).items()})
+    result['fvd'] = round(fvd.fvd(clf.features, real, videos), 3)
+    result['fvd_real_videos'] = len(real)
+    if FLAGS.i3d_path:
+      from sora_jax.eval import i3d
+      result['fvd_i3d'] = round(fvd.fvd(i3d.load(FLAGS.i3d_path), real, videos, batch_size=16), 3)
     result.update(workdir=FLAGS.workdir, step=model.step, seconds=round(time.time() - start, 1),
                   guidance_scale=FLAGS.guidance_scale, steps=FLAGS.steps, time_shift=FLAGS.time_shift,
                   stochasticity=FLAGS.stochasticity)

@@ -103,6 +103,11 @@ class Progress:
     self.last_step, self.last_time = step, now
     return {'steps_per_sec': rate, 'eta_sec': (self.total_steps - step) / max(rate, 1e-9)}
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` of non-training work (evaluation) out of the current window's rate."""
+    if self.last_time is not None:
+      self.last_time += seconds
+
 
 def format_eta(seconds: float) -> str:
   seconds = int(seconds)

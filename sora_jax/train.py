@@ -1,7 +1,7 @@
 """The trainer: one linear function from a config and a workdir to a trained, sampled model.
 
 Phases: validate config -> mesh -> input -> model + optimizer (abstract) -> sharded state
-(created or restored) -> jitted train step -> loop (log, checkpoint) -> samples.
+(created or restored) -> jitted train step -> loop (log, checkpoint, evaluate) -> samples.
 This is the only module that reads the whole experiment config.
 """
 
@@ -24,6 +24,7 @@ from sora_jax import UsageError, checkpoint, ensure_writable_dir, metrics, optim
 from sora_jax.data import pipeline
 from sora_jax.diffusion import frame_conditioning
 from sora_jax.diffusion import rectified_flow as rf
+from sora_jax.eval import evaluator as evaluator_lib
 from sora_jax.models import autoencoder as autoencoder_lib
 from sora_jax.models import dit, layers
 import sora_jax.text as text_lib
@@ -116,6 +117,7 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   if m.get('sequence_parallel', 'all_to_all') not in layers.SEQUENCE_PARALLEL:
     raise UsageError(f'config.model.sequence_parallel={m.sequence_parallel!r}: use one of {layers.SEQUENCE_PARALLEL}')
   validate_frame_conditioning(config)
+  evaluator_lib.validate(config)
   return sizes
 
 
@@ -501,6 +503,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
                                        process_index=jax.process_index(), process_count=jax.process_count(),
                                        worker_count=config.data.worker_count)
     writer = metrics.Writer(workdir, enabled=is_main, resume_step=start_step)
+    evaluator = evaluator_lib.Evaluator(config, graphdef, autoencoder, text_encoder) if evaluator_lib.enabled(config) else None
     progress = metrics.Progress(config.total_steps, start_step)
     lr_schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
     stop = StopSignal()
@@ -545,6 +548,11 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
         preempted = stop.should_stop(done)
         if done % config.checkpoint_every_steps == 0 or done == config.total_steps or preempted:
           checkpoint.save(mngr, done, state)
+        if evaluator and (done % config.eval.every_steps == 0 or done == config.total_steps) and not preempted:
+          scalars, videos = evaluator(state['ema'], done)  # overlaps the async checkpoint write
+          writer.scalars(done, scalars)
+          writer.videos(done, videos, fps=config.sample.fps)
+          progress.exclude(scalars['eval/seconds'])  # steps/s and the ETA count training only
         if preempted:
           mngr.wait_until_finished()
           logging.info('stopped by %s at step %d; checkpoint committed, resume with the same command',

@@ -186,6 +186,8 @@ class Attention(nnx.Module):
     self.implementation = None if implementation in (None, 'xla') else implementation
     self.query_axis = query_axis
     self.sequence_parallel = sequence_parallel
+    self.sow_weights = False  # True: also store the attention probabilities [b, heads, s, l] as an
+    # nnx.Intermediate 'attention_weights' (analysis only: it materialises them; see eval/analysis.py)
 
   def __call__(self, x_bsd, *, context_bld=None, mask_bl=None, pos_bsa=None):
     """mask_bl: [b, l] True where a key is real; pos_bsa: positions for RoPE (self-attention)."""
@@ -201,6 +203,11 @@ class Attention(nnx.Module):
     if pos_bsa is not None:
       q, k = apply_rope(q, pos_bsa), apply_rope(k, pos_bsa)
     q = constrain(q, ('act_batch', self.query_axis, 'act_heads', None))
+    if self.sow_weights:
+      logits = jnp.einsum('bsnk,blnk->bnsl', q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+      if mask_bl is not None:
+        logits = jnp.where(mask_bl[:, None, None, :], logits, -jnp.inf)
+      self.sow(nnx.Intermediate, 'attention_weights', jax.nn.softmax(logits, axis=-1))
     if context_bld is None and self.query_axis == 'act_seq':
       out = self_attention(q, k, v, mask_bl, implementation=self.implementation,
                            sequence_parallel=self.sequence_parallel)
