@@ -43,7 +43,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       temporal_downsample=(True, True),  # x4 in time: 9 -> 3 latent frames
       num_res_blocks=1,
   )
-  config.objective = dict(kl_weight=1e-4)
+  config.objective = dict(
+      kl_weight=1e-4,
+      # > 0: a per-frame PatchGAN from start_step on (hinge loss); the VAE adds weight x -D(recon).
+      adversarial=dict(weight=0.0, start_step=1500, learning_rate=2e-4, channels=32),
+  )
   config.optim = dict(learning_rate=1e-3, warmup_steps=100, final_lr_fraction=0.05, b1=0.9, b2=0.99,
                       weight_decay=0.0, grad_clip_norm=1.0)
   config.mesh = base.mesh
