@@ -34,10 +34,11 @@ setup(
         'notebook': NOTEBOOK,
         # torch + transformers build the random reference models that pretrained-weight loaders are
         # checked against (no download); torch 2.13.0 installs from a local wheel here.
-        # cd-fvd: its copy of piergiaj's PyTorch I3D is the reference of the I3D import; nbclient runs
-        # the notebook headlessly.
+        # nbclient runs the notebook headlessly. The I3D import's reference, cd-fvd (its copy of
+        # piergiaj's PyTorch I3D), installs apart with --no-deps (README, "Tests"): its torchvision,
+        # built for another torch, breaks transformers and diffusers.
         'test': ['pytest>=8', 'pytest-xdist', 'torch==2.13.0', 'transformers>=5', 'diffusers', 'protobuf',
-                 'cd-fvd', 'nbclient', 'nbformat', *NOTEBOOK],
+                 'nbclient', 'nbformat', *NOTEBOOK],
         # libtpu: compile the real train step for a TPU slice ahead of time, on any machine
         # (experiments/benchmark.py --analyze_only --topology=v5p:4x4x4)
         'tpu': ['jax[tpu]'],

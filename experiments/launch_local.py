@@ -2,6 +2,8 @@ r"""Runs a multi-process (multi-host) training job on this machine: the real mul
 
   python experiments/launch_local.py --num_processes=2 --devices_per_process=4 -- \
       --config=configs/shapes.py:tiny --workdir=runs/mp
+  python experiments/launch_local.py --num_processes=2 --module=sora_jax.encode -- \
+      --config=configs/shapes.py:tiny --workdir=runs/latents    # latent precompute, shards split
 
 Starts `python -m sora_jax.main <main flags>` N times, each with a process id, a coordinator on
 localhost and `devices_per_process` simulated CPU devices (gloo collectives between processes), so
@@ -30,6 +32,8 @@ flags.DEFINE_integer('devices_per_process', 4, 'Simulated CPU devices per proces
 flags.DEFINE_string('logs', None, 'Directory for process_I.log (default: a new temporary directory).')
 flags.DEFINE_float('grace_s', 10.0, 'After a failure, seconds the other processes get to exit before SIGKILL.')
 flags.DEFINE_integer('port', 0, 'Coordinator port on localhost (0: a free one).')
+flags.DEFINE_string('module', 'sora_jax.main', 'What each process runs: sora_jax.main (training) or '
+                    'sora_jax.encode (latent precompute, shards split over the processes).')
 FLAGS = flags.FLAGS
 
 
@@ -64,13 +68,13 @@ def tail(path: str, lines: int = 5) -> str:
 
 
 def launch(main_args: list[str], num_processes: int, devices_per_process: int, log_dir: str,
-           grace_s: float, port: int = 0) -> int:
+           grace_s: float, port: int = 0, module: str = 'sora_jax.main') -> int:
   """Runs the job; returns 0 if every process succeeded, else the first failure's exit code."""
   port = port or free_port()
   env = process_env(devices_per_process)
   procs, threads, logs = [], [], []
   for i in range(num_processes):
-    cmd = [sys.executable, '-m', 'sora_jax.main', f'--coordinator_address=127.0.0.1:{port}',
+    cmd = [sys.executable, '-m', module, f'--coordinator_address=127.0.0.1:{port}',
            f'--num_processes={num_processes}', f'--process_id={i}', *main_args]
     logs.append(os.path.join(log_dir, f'process_{i}.log'))
     # Own process groups: a Ctrl-C in the terminal reaches only us, and we decide what they get.
@@ -130,7 +134,8 @@ def main(argv):
     sys.exit('error: --num_processes and --devices_per_process must be at least 1')
   log_dir = FLAGS.logs or tempfile.mkdtemp(prefix='launch_local_')
   os.makedirs(log_dir, exist_ok=True)
-  sys.exit(launch(main_args, FLAGS.num_processes, FLAGS.devices_per_process, log_dir, FLAGS.grace_s, FLAGS.port))
+  sys.exit(launch(main_args, FLAGS.num_processes, FLAGS.devices_per_process, log_dir, FLAGS.grace_s, FLAGS.port,
+                  FLAGS.module))
 
 
 if __name__ == '__main__':

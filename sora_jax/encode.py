@@ -16,7 +16,9 @@ or the text encoder each step (sampling still uses both):
 Resumable: records are written in shards of --shard_size source records, each committed by a
 rename; a rerun skips the committed shards. Multi-process (the flags of `sora_jax.main`): process
 p encodes shards p, p + P, ... on its local devices; process 0 writes the metadata at the end.
-Unreadable clips are skipped and counted.
+Unreadable clips are skipped and counted. Long or large clips: `--chunk_frames=16` encodes 16 frames
+at a time with the causal cache (equal to the one-shot encode), `--tile=256 --tile_overlap=64`
+encodes blended spatial tiles (approximate); memory is then bounded by the chunk and the tile.
 """
 
 import json
@@ -38,6 +40,11 @@ from sora_jax.models import autoencoder as autoencoder_lib
 
 flags.DEFINE_integer('shard_size', 256, 'Source records per output shard (the unit of resumption).')
 flags.DEFINE_integer('encode_batch_size', 8, 'Clips per encoder call.')
+flags.DEFINE_integer('chunk_frames', 0, 'VAE: encode this many frames at a time after frame 0 (a multiple of '
+                     'its temporal factor; equal to the one-shot encode, memory bounded by the chunk). 0: whole clips.')
+flags.DEFINE_integer('tile', 0, 'VAE: encode spatial tiles of this many pixels, blended over --tile_overlap '
+                     '(approximate; for frames too large to encode at once). 0: whole frames.')
+flags.DEFINE_integer('tile_overlap', 64, 'Pixels shared by neighbouring tiles (with --tile).')
 FLAGS = flags.FLAGS
 
 DATASET = 'encoded'
@@ -77,7 +84,13 @@ def encode_split(config, split: str, out_dir: str, autoencoder, text_encoder, me
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   replicated = sharding.replicated(mesh)
   ae_params = jax.device_put(autoencoder.params, replicated)
-  encode_video = jax.jit(autoencoder.encode)
+  if FLAGS.chunk_frames or FLAGS.tile:
+    if not hasattr(autoencoder, 'encode_bounded'):
+      raise UsageError(f'--chunk_frames / --tile need a VAE (config.autoencoder.kind={config.autoencoder.kind!r})')
+    encode_video = lambda params, video: autoencoder.encode_bounded(  # noqa: E731
+        params, video, chunk_frames=FLAGS.chunk_frames, tile=FLAGS.tile, overlap=FLAGS.tile_overlap)
+  else:
+    encode_video = jax.jit(autoencoder.encode)
   encode_text = jax.jit(text_encoder.apply) if text_encoder else None
   dp = mesh.devices.size
   mine = range(jax.process_index(), count, jax.process_count())

@@ -59,6 +59,7 @@ def test_i3d_import_matches_the_reference_pytorch_i3d(tmp_path):
   """A random piergiaj InceptionI3d (cd-fvd's copy), saved as a state dict, converted: same logits,
   including the preprocessing (32 x 32 uint8 frames resized to 224)."""
   import torch
+  pytest.importorskip('cdfvd', reason="the reference: pip install --no-deps cd-fvd==0.1.1 (README, Tests)")
   from cdfvd.third_party.i3d import pytorch_i3d, utils as ref_utils
 
   torch.manual_seed(0)

@@ -34,9 +34,10 @@ def run_one_process(main_flags, devices=8):
   return result
 
 
-def launcher(main_flags, logs, num_processes=2, devices_per_process=4, stdout=subprocess.PIPE):
+def launcher(main_flags, logs, num_processes=2, devices_per_process=4, stdout=subprocess.PIPE, module='sora_jax.main'):
   return subprocess.Popen([sys.executable, 'experiments/launch_local.py', f'--num_processes={num_processes}',
-                           f'--devices_per_process={devices_per_process}', f'--logs={logs}', '--', *main_flags],
+                           f'--devices_per_process={devices_per_process}', f'--logs={logs}', f'--module={module}',
+                           '--', *main_flags],
                           cwd=ROOT, env=env(1), stdout=stdout, stderr=subprocess.STDOUT, text=True)
 
 
@@ -159,3 +160,25 @@ def test_the_launcher_stops_everything_as_soon_as_one_process_fails(data_dir, tm
   for pid in pids:  # none left behind
     assert subprocess.run(['ps', '-p', str(pid), '-o', 'stat='], capture_output=True, text=True).stdout.strip() \
         in ('', 'Z')
+
+
+def test_two_processes_split_the_latent_precompute_and_write_one_dataset(data_dir, tmp_path):
+  """`sora_jax.encode` on 2 processes: each encodes its shards (0, 2 / 1, 3), process 0 writes the
+  metadata, and the dataset holds every clip once, in order."""
+  workdir = str(tmp_path / 'latents')
+  out = run_launcher(['--config=configs/shapes.py:tiny', f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+                      '--shard_size=16'], str(tmp_path / 'logs'), devices_per_process=2, module='sora_jax.encode')
+  del out
+  logs = [open(tmp_path / 'logs' / f'process_{i}.log').read() for i in range(2)]
+  assert re.findall(r'train shard (\d)/4', logs[0]) == ['1', '3'] and re.findall(r'train shard (\d)/4', logs[1]) == ['2', '4']
+  import ml_collections
+  from sora_jax.data import pipeline
+  source = pipeline.data_source(ml_collections.ConfigDict(dict(
+      name='shapes', data_dir=data_dir, frames=8, height=32, width=32, object_size=12, num_train=64,
+      num_validation=8, seed=0)), 'train')
+  encoded = pipeline.data_source(ml_collections.ConfigDict(dict(
+      name='encoded', encoded_dir=os.path.join(workdir, 'encoded'))), 'train')
+  assert len(encoded) == 64
+  for i in (0, 20, 40, 63):  # identity autoencoder: the latent is the clip in [-1, 1]
+    np.testing.assert_allclose(encoded[i]['latent'], source[i]['video'].astype(np.float32) / 127.5 - 1.0, atol=1e-6)
+    assert encoded[i]['caption'] == source[i]['caption']

@@ -60,6 +60,20 @@ class PretrainedVAE:
     model = nnx.merge(self.graphdef, params)
     return model.decode(model.denormalize(latent_bthwc))
 
+  def encode_bounded(self, params, video_bthwc, *, chunk_frames: int = 0, tile: int = 0, overlap: int = 0):
+    """`encode` in bounded memory, outside jit (it loops over jitted pieces): `chunk_frames` frames at
+    a time after frame 0 (equal to `encode`) and, with `tile` > 0, spatial tiles of `tile` pixels
+    blended over `overlap` (approximate; `vae.encode_tiled`)."""
+    from sora_jax.models import vae  # pylint: disable=g-import-not-at-top
+    model = nnx.merge(self.graphdef, params)
+    tf = self.cfg.temporal_factor
+    chunk = chunk_frames or max(tf, -(-(video_bthwc.shape[1] - 1) // tf) * tf)  # 0: the whole clip
+    if tile:
+      mean = vae.encode_tiled(model, video_bthwc, tile, overlap, chunk)
+    else:
+      mean = vae.encode_chunked(model, video_bthwc, chunk)[0]
+    return model.normalize(mean)
+
 
 def validate(autoencoder_config) -> None:
   """UsageError naming the field for a bad `config.autoencoder`, before anything is loaded."""
