@@ -324,7 +324,9 @@ def test_a_tiny_class_conditional_dit_trains_and_samples_its_classes(data_dir, t
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
   rows = [__import__('json').loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  rows, evals = [r for r in rows if 'train/loss' in r], [r for r in rows if 'eval/loss' in r]
   assert rows[-1]['train/loss'] < rows[0]['train/loss']
+  assert [r['step'] for r in evals] == [40] and np.isfinite(evals[0]['eval/fvd'])  # labels sampled for FVD
   assert sorted(os.listdir(os.path.join(workdir, 'samples', '00000040'))) == [
       '00_class_0.gif', '00_class_0.mp4', '01_class_83.gif', '01_class_83.mp4']
   model = sample.load(workdir)

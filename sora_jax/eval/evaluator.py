@@ -93,8 +93,8 @@ class Evaluator:
     n = min(e.num_videos, len(source))
     records = [source[i] for i in range(n)]
     self.videos = np.stack([r['video'] for r in records])  # uint8 [n, T, H, W, 3]
-    if dit.is_class_conditional(config.model):
-      self.prompts = [int(r['label']) for r in records]
+    if dit.is_class_conditional(config.model):  # shapes: the class of (color, shape, direction)
+      self.prompts = [int(pipeline.to_example(r, config.data.max_text_len)['label']) for r in records]
     else:
       self.prompts = [r['caption'].decode() if isinstance(r['caption'], bytes) else str(r['caption']) for r in records]
     self.is_shapes = config.data.name == 'shapes' and not dit.is_class_conditional(config.model)
