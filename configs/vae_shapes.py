@@ -3,7 +3,7 @@ r"""The causal video VAE (`sora_jax/models/vae.py`) trained on the `shapes` worl
   python -m sora_jax.main --config=configs/vae_shapes.py --workdir=runs/vae
 
 9 x 32 x 32 clips (1 + 4n frames: the first is encoded on its own) -> 3 x 8 x 8 x 16 latents
-(x4 in time and space). Eval: `eval/psnr` of the EMA model on the validation clips, and
+(x4 in time and space). Eval: `eval/psnr` and `eval/ssim` of the EMA model on the validation clips, and
 original | reconstruction GIFs in WORKDIR/samples/.
 
 Variants: `tiny`, a seconds-long smoke run (tests use it).

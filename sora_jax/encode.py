@@ -168,6 +168,21 @@ def write_metadata(config, out_dir: str, splits, autoencoder, text_encoder) -> d
   return counts
 
 
+def check_bounded_flags(config) -> None:
+  """One-line errors for --chunk_frames / --tile / --tile_overlap, before anything is written."""
+  if not (FLAGS.chunk_frames or FLAGS.tile):
+    return
+  if config.autoencoder.kind == 'identity':
+    raise UsageError('--chunk_frames / --tile need a VAE (config.autoencoder.kind="identity" has nothing to bound)')
+  cfg = autoencoder_lib.make(config.autoencoder, load_weights=False).cfg
+  tf, sf = cfg.temporal_factor, cfg.spatial_factor
+  if FLAGS.chunk_frames < 0 or FLAGS.chunk_frames % tf:
+    raise UsageError(f'--chunk_frames={FLAGS.chunk_frames}: use a positive multiple of the VAE\'s temporal factor {tf} (0: whole clips)')
+  if FLAGS.tile and (FLAGS.tile < 0 or FLAGS.tile % sf or FLAGS.tile_overlap % sf or not 0 <= FLAGS.tile_overlap < FLAGS.tile):
+    raise UsageError(f'--tile={FLAGS.tile} --tile_overlap={FLAGS.tile_overlap}: use multiples of the VAE\'s spatial '
+                     f'factor {sf} with 0 <= overlap < tile')
+
+
 def encode(config, workdir: str) -> str:
   """Encodes `config.data` into WORKDIR/encoded (see the module docstring); returns that folder."""
   from sora_jax import train  # pylint: disable=g-import-not-at-top
@@ -177,14 +192,17 @@ def encode(config, workdir: str) -> str:
   encoded_dir = os.path.join(workdir, DATASET)
   out_dir = dataset_dir(encoded_dir)
   ensure_writable_dir(out_dir, f'--workdir={workdir}')
+  check_bounded_flags(config)
+  fields = {**pipeline.encoded_fields(config), 'tile': FLAGS.tile, 'tile_overlap': FLAGS.tile_overlap if FLAGS.tile else 0}
   started = os.path.join(out_dir, 'encode_started.json')  # resuming must not mix two configs' shards
   if os.path.exists(started):
     with open(started) as f:
-      if json.load(f) != pipeline.encoded_fields(config):
-        raise UsageError(f'{encoded_dir} holds an encoding of another config ({started}): use another --workdir')
+      previous = json.load(f)
+    if {k: previous.get(k, 0) for k in fields} != fields:  # (tiles: approximate latents are not exact ones)
+      raise UsageError(f'{encoded_dir} holds an encoding of another config or --tile ({started}): use another --workdir')
   elif jax.process_index() == 0:
     with open(started, 'w') as f:
-      json.dump(pipeline.encoded_fields(config), f, indent=2)
+      json.dump(fields, f, indent=2)
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1, sequence=1), devices=jax.local_devices())
   autoencoder = autoencoder_lib.make(config.autoencoder)
   text_encoder = text_lib.from_config(config, mesh, sharding.rules_tuple(config.sharding_rules))

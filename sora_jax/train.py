@@ -479,6 +479,13 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state['params']))
   logging.info('model: %.2fM parameters', num_params / 1e6)
 
+  # Built outside the mesh: its feature network runs on each process's own device.
+  evaluator = None
+  if evaluator_lib.enabled(config) and (start_step or 0) < config.total_steps:
+    evaluator = evaluator_lib.Evaluator(config, graphdef, autoencoder)
+  elif config.get('eval') and config.eval.every_steps and pipeline.is_encoded(config.data):
+    logging.info('evaluation off: config.data.name="encoded" holds latents, not clips')
+
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     if start_step is None:
       state = create_state(config, autoencoder.channels, tx, shardings)
@@ -503,7 +510,6 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
                                        process_index=jax.process_index(), process_count=jax.process_count(),
                                        worker_count=config.data.worker_count)
     writer = metrics.Writer(workdir, enabled=is_main, resume_step=start_step)
-    evaluator = evaluator_lib.Evaluator(config, graphdef, autoencoder, text_encoder) if evaluator_lib.enabled(config) else None
     progress = metrics.Progress(config.total_steps, start_step)
     lr_schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
     stop = StopSignal()
@@ -549,7 +555,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
         if done % config.checkpoint_every_steps == 0 or done == config.total_steps or preempted:
           checkpoint.save(mngr, done, state)
         if evaluator and (done % config.eval.every_steps == 0 or done == config.total_steps) and not preempted:
-          scalars, videos = evaluator(state['ema'], done)  # overlaps the async checkpoint write
+          scalars, videos = evaluator(state['ema'], done, frozen, text_encoder)  # overlaps the checkpoint write
           writer.scalars(done, scalars)
           writer.videos(done, videos, fps=config.sample.fps)
           progress.exclude(scalars['eval/seconds'])  # steps/s and the ETA count training only

@@ -55,6 +55,9 @@ def validate_config(config, num_devices: int) -> None:
   adv = config.objective.get('adversarial', {})
   if adv.get('weight', 0.0) < 0:
     raise UsageError(f'config.objective.adversarial.weight={adv.weight!r}: must be >= 0 (0: no adversarial term)')
+  if min(config.data.height, config.data.width) < 11:
+    raise UsageError(f'config.data.height/width {config.data.height}x{config.data.width}: eval/ssim needs frames '
+                     'of at least 11 x 11 pixels')
   if adversarial_on(config):
     if not isinstance(adv.get('start_step'), int) or adv.start_step < 0:
       raise UsageError(f'config.objective.adversarial.start_step={adv.get("start_step")!r}: a step >= 0')
@@ -65,6 +68,24 @@ def validate_config(config, num_devices: int) -> None:
   if config.batch_size % (dp * jax.process_count()):
     raise UsageError(f'config.batch_size={config.batch_size} is not divisible by the data-parallel size {dp} '
                      f'and the {jax.process_count()} processes')
+
+
+def check_resume(config, workdir: str, start_step) -> None:
+  """Refuses, before anything is written, to resume a checkpoint whose state the config would not
+  match: one with (without) a discriminator under a config without (with) the adversarial term."""
+  path = os.path.join(workdir, 'config.json')
+  if start_step is None or not os.path.exists(path):
+    return
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    previous = ml_collections.ConfigDict(__import__('json').load(f))
+  was, now = adversarial_on(previous), adversarial_on(config)
+  same_disc = not now or previous.objective.adversarial.channels == config.objective.adversarial.channels
+  if was != now or not same_disc:
+    raise UsageError(f'config.objective.adversarial: the checkpoint in {workdir} (step {start_step}) was trained '
+                     f'{"with" if was else "without"} the adversarial term'
+                     f'{f" ({previous.objective.adversarial.channels} channels)" if was else ""}; resume with the '
+                     'same setting, or train in a new workdir')
 
 
 def psnr(x, y):
@@ -194,6 +215,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
   train.prepare_workdir(workdir, overwrite)
   mngr = checkpoint.manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
   start_step = mngr.latest_step()
+  check_resume(config, workdir, start_step)
   if is_main:
     with open(os.path.join(workdir, 'config.json.tmp'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))

@@ -1,5 +1,7 @@
 """Evaluation: the Fréchet distance, FVD's behaviour, the I3D import and the shapes classifier."""
 
+import os
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -58,8 +60,8 @@ def test_statistics_round_trip_and_bad_features(tmp_path):
 def test_i3d_import_matches_the_reference_pytorch_i3d(tmp_path):
   """A random piergiaj InceptionI3d (cd-fvd's copy), saved as a state dict, converted: same logits,
   including the preprocessing (32 x 32 uint8 frames resized to 224)."""
-  import torch
   pytest.importorskip('cdfvd', reason="the reference: pip install --no-deps cd-fvd==0.1.1 (README, Tests)")
+  import torch
   from cdfvd.third_party.i3d import pytorch_i3d, utils as ref_utils
 
   torch.manual_seed(0)
@@ -120,11 +122,14 @@ def test_shapes_classifier_is_accurate_on_held_out_clips(shapes_classifier):
   assert shapes_classifier.adherence(videos, wrong)['direction'] <= 0.55  # half the clips move up or down
 
 
-def test_shapes_classifier_is_cached_and_its_fvd_separates_real_from_corrupted(shapes_classifier, tmp_path):
+def test_shapes_classifier_is_cached_and_its_fvd_separates_real_from_corrupted(shapes_classifier, tmp_path,
+                                                                                monkeypatch):
   cache = shapes_classifier.size
-  path = classifier.cache_path(cache, str(tmp_path))
+  path = classifier.cache_path(cache, str(tmp_path), steps=300)
   shapes_classifier.save(path)
-  again = classifier.load_or_train(cache_dir=str(tmp_path), steps=1)  # restored, not retrained
+  monkeypatch.setattr(classifier, 'train', lambda *a, **k: pytest.fail('retrained despite the cache'))
+  again = classifier.load_or_train(cache_dir=str(tmp_path), steps=300)
+  assert sorted(os.listdir(tmp_path)) == [os.path.basename(path)]  # and nothing half-written left
   videos, _ = classifier.labelled_batch(np.random.default_rng(5), cache, 128)
   np.testing.assert_allclose(again.features(videos), shapes_classifier.features(videos), rtol=1e-6)
   other, _ = classifier.labelled_batch(np.random.default_rng(6), cache, 128)

@@ -125,6 +125,10 @@ def test_the_adversarial_term_starts_at_its_step_and_then_trains_both_networks(v
   trained = jax.device_get(train_vae.train_and_evaluate(config, workdir))
   assert set(trained) == {'step', 'params', 'opt_state', 'ema', 'disc', 'disc_opt_state'}
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(train_vae.train_and_evaluate(config, workdir)), trained)
-  config.objective.adversarial.start_step = -1
+  config.objective.adversarial.weight = 0.0  # resuming that checkpoint without the term: refused, in one line
+  with pytest.raises(UsageError, match='was trained with the adversarial term') as e:
+    train_vae.train_and_evaluate(config, workdir)
+  assert '\n' not in str(e.value)
+  config.objective.adversarial.update(weight=0.5, start_step=-1)
   with pytest.raises(UsageError, match='adversarial.start_step=-1'):
     train_vae.validate_config(config, 1)

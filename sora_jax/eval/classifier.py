@@ -1,6 +1,6 @@
 """A small video classifier of the `shapes` world: FVD features and a learned prompt-adherence judge.
 
-  clf = classifier.load_or_train(frames=8, height=32, width=32, object_size=12)   # ~1 min, then cached
+  clf = classifier.load_or_train(frames=8, height=32, width=32, object_size=12)   # ~30 s, then cached
   clf.features(videos)        # uint8 [B, T, H, W, 3] -> [B, 128]: the embedded default for FVD
   clf.predict(videos)         # -> {'color': [B], 'shape': [B], 'direction': [B]} class indices
   clf.adherence(videos, prompts)  # fractions whose predicted color / shape / direction match the prompt
@@ -94,7 +94,9 @@ def train(size: ClipSize, *, steps: int = 600, batch: int = 64, learning_rate: f
   """Trains the classifier on freshly rendered clips of `size`; logs accuracy as it goes."""
   model = VideoClassifier(rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model)
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, 50, steps, learning_rate / 20))
+  warmup = min(50, steps // 2)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1),
+                                                      learning_rate / 20))
   opt_state = tx.init(params)
 
   @jax.jit
@@ -151,7 +153,7 @@ class Classifier:
 
   def save(self, path: str) -> None:
     flat = pretrained.flatten(self.params.to_pure_dict())
-    tmp = path + '.tmp.npz'
+    tmp = f'{path}.{os.getpid()}.tmp.npz'  # per process: several may share a cache folder
     np.savez(tmp, **{'/'.join(map(str, k)): np.asarray(v) for k, v in flat.items()})
     os.replace(tmp, path)  # never a half-written cache
 
@@ -164,16 +166,16 @@ class Classifier:
     return cls(nnx.merge(graphdef, state), size)
 
 
-def cache_path(size: ClipSize, cache_dir: str | None = None) -> str:
+def cache_path(size: ClipSize, cache_dir: str | None = None, steps: int = 600) -> str:
   cache_dir = cache_dir or os.environ.get('SORA_JAX_CACHE') or os.path.expanduser('~/.cache/sora_jax')
-  return os.path.join(cache_dir, f'shapes_classifier_v{VERSION}_{size.name}.npz')
+  return os.path.join(cache_dir, f'shapes_classifier_v{VERSION}_{size.name}_steps{steps}.npz')
 
 
 def load_or_train(frames: int = 8, height: int = 32, width: int = 32, object_size: int = 12, *,
                   cache_dir: str | None = None, steps: int = 600) -> Classifier:
-  """The cached classifier for this clip size, trained first (about a minute on a CPU) if missing."""
+  """The cached classifier for this clip size, trained first (about 30 s on a CPU) if missing."""
   size = ClipSize(frames, height, width, object_size)
-  path = cache_path(size, cache_dir)
+  path = cache_path(size, cache_dir, steps)
   if os.path.exists(path):
     try:
       return Classifier.restore(path, size)
@@ -181,8 +183,11 @@ def load_or_train(frames: int = 8, height: int = 32, width: int = 32, object_siz
       logging.warning('shapes classifier cache %s unreadable (%s); retraining', path, e)
   logging.info('training the shapes classifier for %s clips (cached in %s)', size.name, path)
   clf = train(size, steps=steps)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  clf.save(path)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    clf.save(path)
+  except OSError as e:  # a read-only cache costs a retrain next time, never the run
+    logging.warning('shapes classifier: cannot cache it in %s (%s); set $SORA_JAX_CACHE', path, e)
   return clf
 
 

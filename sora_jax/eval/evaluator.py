@@ -30,7 +30,8 @@ FEATURES = ('auto', 'shapes_classifier', 'i3d', 'none')
 
 
 def enabled(config) -> bool:
-  return bool(config.get('eval')) and config.eval.every_steps > 0
+  """Evaluation needs clips: latents precomputed by `sora_jax.encode` have none, so it is off there."""
+  return bool(config.get('eval')) and config.eval.every_steps > 0 and not pipeline.is_encoded(config.data)
 
 
 def validate(config) -> None:
@@ -44,15 +45,17 @@ def validate(config) -> None:
     return
   if not isinstance(e.num_videos, int) or e.num_videos < 2:
     raise UsageError(f'config.eval.num_videos={e.num_videos!r}: need at least 2 (FVD fits a covariance)')
+  if not isinstance(e.timestep_buckets, int) or not 1 <= e.timestep_buckets <= 50:
+    raise UsageError(f'config.eval.timestep_buckets={e.timestep_buckets!r}: use 1 to 50')
   if e.features not in FEATURES:
     raise UsageError(f'config.eval.features={e.features!r}: use one of {FEATURES}')
   if e.features == 'shapes_classifier' and config.data.name != 'shapes':
     raise UsageError(f'config.eval.features="shapes_classifier" needs shapes data (config.data.name={config.data.name!r})')
   if e.features == 'i3d' and not e.get('i3d_path'):
     raise UsageError('config.eval.features="i3d" needs config.eval.i3d_path (a piergiaj InceptionI3d .pt or .npz)')
-  if pipeline.is_encoded(config.data):
-    raise UsageError('config.eval.every_steps > 0 needs clips; config.data.name="encoded" holds latents only '
-                     '(set config.eval.every_steps=0)')
+  if e.features == 'i3d' and config.data.frames < i3d.MIN_FRAMES:
+    raise UsageError(f'config.eval.features="i3d" needs clips of {i3d.MIN_FRAMES}+ frames; '
+                     f'config.data.frames={config.data.frames} (use features="shapes_classifier" or "none")')
 
 
 def feature_network(config):
@@ -84,13 +87,20 @@ def timestep_loss_fn(config, graphdef, autoencoder):
 
 
 class Evaluator:
-  """Scores parameters on a fixed validation set; `evaluator(params, step) -> (scalars, videos)`."""
+  """Scores parameters on a fixed validation set; `evaluator(params, step, frozen) -> (scalars, videos)`.
 
-  def __init__(self, config, graphdef, autoencoder, text_encoder=None):
-    self.config, self.graphdef, self.autoencoder, self.text_encoder = config, graphdef, autoencoder, text_encoder
+  Build it outside the training mesh: the feature network (the shapes classifier, trained on first
+  use, or I3D) and the clips' features are then computed on each process's own device.
+  """
+
+  def __init__(self, config, graphdef, autoencoder):
+    self.config, self.graphdef, self.autoencoder = config, graphdef, autoencoder
     e = config.eval
     source = pipeline.data_source(config.data, 'validation')
     n = min(e.num_videos, len(source))
+    if n < 2:
+      raise UsageError(f'config.eval: the validation split of config.data.name={config.data.name!r} has {len(source)} '
+                       'clips; FVD needs at least 2 (or set config.eval.every_steps=0)')
     records = [source[i] for i in range(n)]
     self.videos = np.stack([r['video'] for r in records])  # uint8 [n, T, H, W, 3]
     if dit.is_class_conditional(config.model):  # shapes: the class of (color, shape, direction)
@@ -99,25 +109,28 @@ class Evaluator:
       self.prompts = [r['caption'].decode() if isinstance(r['caption'], bytes) else str(r['caption']) for r in records]
     self.is_shapes = config.data.name == 'shapes' and not dit.is_class_conditional(config.model)
     self.features, self.features_name = feature_network(config)
-    self.real_stats = fvd.Statistics.of(fvd.features(self.features, self.videos)) if self.features else None
+    self.feature_batch = 16 if self.features_name == 'i3d' else 64  # I3D: 224 x 224 inputs
+    self.real_stats = (fvd.Statistics.of(fvd.features(self.features, self.videos, self.feature_batch))
+                       if self.features else None)
     self.learned = classifier.for_data(config.data) if self.is_shapes else None
     self.timesteps = (np.arange(e.timestep_buckets) + 0.5) / e.timestep_buckets
     shape = autoencoder.latent_shape(*self.videos.shape[1:4])
     self.noise = jax.random.normal(jax.random.key(config.seed + 7), (n, *shape, autoencoder.channels))
     self._loss_at = timestep_loss_fn(config, graphdef, autoencoder)
 
-  def __call__(self, params, step: int) -> tuple[dict, dict]:
+  def __call__(self, params, step: int, frozen: dict, text_encoder=None) -> tuple[dict, dict]:
+    """`frozen`: the train step's frozen parameters (the autoencoder's, placed on the mesh)."""
     start = time.time()
-    cond, _ = sample.conditioning(self.config, self.prompts, self.text_encoder)
+    cond, _ = sample.conditioning(self.config, self.prompts, text_encoder)
     scalars = {}
-    losses = [float(self._loss_at(params, self.autoencoder.params, self.videos, cond, self.noise, t))
+    losses = [float(self._loss_at(params, frozen['autoencoder'], self.videos, cond, self.noise, t))
               for t in self.timesteps]
     scalars.update({f'eval/loss_t{t:.2f}': v for t, v in zip(self.timesteps, losses)})
     scalars['eval/loss'] = float(np.mean(losses))
-    model = sample.Model(self.config, self.graphdef, params, self.autoencoder, step, self.text_encoder)
+    model = sample.Model(self.config, self.graphdef, params, self.autoencoder, step, text_encoder)
     generated = sample.generate(model, self.prompts, seed=self.config.seed + 1)
     if self.real_stats is not None:
-      fake = fvd.Statistics.of(fvd.features(self.features, generated))
+      fake = fvd.Statistics.of(fvd.features(self.features, generated, self.feature_batch))
       scalars['eval/fvd'] = fvd.frechet_distance(self.real_stats, fake)
     if self.is_shapes:
       scalars.update({f'eval/adherence/{k}': v for k, v in adherence.score(generated, self.prompts).items() if k != 'n'})

@@ -34,7 +34,8 @@ class Statistics:
     return cls(mu=f.mean(axis=0), sigma=np.cov(f, rowvar=False), count=f.shape[0])
 
   def save(self, path: str) -> None:
-    np.savez(path, mu=self.mu, sigma=self.sigma, count=self.count)
+    with open(path, 'wb') as f:  # exactly `path` (np.savez would append .npz to a bare name)
+      np.savez(f, mu=self.mu, sigma=self.sigma, count=self.count)
 
   @classmethod
   def load(cls, path: str) -> 'Statistics':

@@ -151,8 +151,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   if not os.path.exists(path):
     raise UsageError(f'I3D checkpoint {path}: no such file')
   if path.endswith('.npz'):
-    with np.load(path) as z:
-      return {k: z[k] for k in z.files}
+    try:
+      with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same one-line error
+      raise UsageError(f'I3D checkpoint {path}: not a readable .npz ({type(e).__name__}: {e})') from None
   try:
     import torch
   except ImportError:
@@ -162,7 +165,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     sd = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # noqa: BLE001 - any unreadable file is the same one-line error
     raise UsageError(f'I3D checkpoint {path}: not a readable PyTorch state dict ({type(e).__name__}: {e})') from None
-  sd = sd.get('state_dict', sd)
+  sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd
+  if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    raise UsageError(f'I3D checkpoint {path}: not a state dict of tensors (an InceptionI3d state_dict() is expected)')
   return {k.removeprefix('module.'): v.float().numpy() for k, v in sd.items()}
 
 
@@ -195,7 +200,8 @@ class Features:
   def __call__(self, videos_bthwc) -> np.ndarray:
     if videos_bthwc.ndim != 5 or videos_bthwc.shape[1] < MIN_FRAMES:
       raise UsageError(f'I3D features need videos [B, T >= {MIN_FRAMES}, H, W, 3]; got shape {videos_bthwc.shape}')
-    return np.asarray(self._apply(self._state, videos_bthwc))
+    with jax.default_matmul_precision('float32'):  # TPUs default to bfloat16 passes: keep the reference's numbers
+      return np.asarray(self._apply(self._state, videos_bthwc))
 
 
 def load(path: str) -> Features:
@@ -208,6 +214,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   try:
+    if not FLAGS.out.endswith('.npz'):
+      raise UsageError(f'--out={FLAGS.out}: use a .npz path')
     sd = read_state_dict(FLAGS.checkpoint)
     from_state_dict(sd, FLAGS.checkpoint)  # refuse a file that is not an I3D before writing anything
     np.savez(FLAGS.out, **sd)
