@@ -173,7 +173,11 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
                             rng_b, given_latents, frame_guidance_scale, num_steps=num_steps,
                             prediction=cfg.objective.prediction, stochasticity=float(stochasticity),
                             t_start=jnp.float32(t_start), frame_guidance=given is not None and frame_guidance_scale != 1.0)
-  return video.to_uint8(jax.device_get(_decode(model.autoencoder, model.autoencoder.params, latents)))
+  pixels = _decode(model.autoencoder, model.autoencoder.params, latents)
+  if not getattr(pixels, 'is_fully_addressable', True):  # sharded over several processes' devices
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    pixels = multihost_utils.process_allgather(pixels, tiled=True)
+  return video.to_uint8(jax.device_get(pixels))
 
 
 def _pixels(clips, b: int, shape: tuple, name: str):
