@@ -105,7 +105,7 @@ def test_i3d_refuses_bad_checkpoints_and_short_clips(tmp_path):
 
 @pytest.fixture(scope='module')
 def shapes_classifier(tmp_path_factory):
-  return classifier.load_or_train(cache_dir=str(tmp_path_factory.mktemp('cache')), steps=300)
+  return classifier.load_or_train(cache_dir=str(tmp_path_factory.mktemp('cache')), steps=150)
 
 
 def test_shapes_classifier_is_accurate_on_held_out_clips(shapes_classifier):
@@ -125,10 +125,10 @@ def test_shapes_classifier_is_accurate_on_held_out_clips(shapes_classifier):
 def test_shapes_classifier_is_cached_and_its_fvd_separates_real_from_corrupted(shapes_classifier, tmp_path,
                                                                                 monkeypatch):
   cache = shapes_classifier.size
-  path = classifier.cache_path(cache, str(tmp_path), steps=300)
+  path = classifier.cache_path(cache, str(tmp_path), steps=150)
   shapes_classifier.save(path)
   monkeypatch.setattr(classifier, 'train', lambda *a, **k: pytest.fail('retrained despite the cache'))
-  again = classifier.load_or_train(cache_dir=str(tmp_path), steps=300)
+  again = classifier.load_or_train(cache_dir=str(tmp_path), steps=150)
   assert sorted(os.listdir(tmp_path)) == [os.path.basename(path)]  # and nothing half-written left
   videos, _ = classifier.labelled_batch(np.random.default_rng(5), cache, 128)
   np.testing.assert_allclose(again.features(videos), shapes_classifier.features(videos), rtol=1e-6)

@@ -8,7 +8,7 @@ first `config.eval.num_videos` validation clips:
                     the `shapes` classifier, the I3D from `config.eval.i3d_path`, or none). With
                     few videos the value is biased upward; compare it only at one `num_videos`;
   eval/adherence/*  on `shapes`: analytic color / shape / direction / all accuracy of the samples,
-                    and eval/learned_adherence/* from the classifier's heads;
+                    and (with the classifier as features) eval/learned_adherence/* from its heads;
 and the first `config.eval.videos_to_tensorboard` samples go to TensorBoard.
 """
 
@@ -112,7 +112,8 @@ class Evaluator:
     self.feature_batch = 16 if self.features_name == 'i3d' else 64  # I3D: 224 x 224 inputs
     self.real_stats = (fvd.Statistics.of(fvd.features(self.features, self.videos, self.feature_batch))
                        if self.features else None)
-    self.learned = classifier.for_data(config.data) if self.is_shapes else None
+    # Learned adherence reads the classifier's heads: only where it is the feature network too.
+    self.learned = classifier.for_data(config.data) if self.is_shapes and self.features_name == 'shapes_classifier' else None
     self.timesteps = (np.arange(e.timestep_buckets) + 0.5) / e.timestep_buckets
     shape = autoencoder.latent_shape(*self.videos.shape[1:4])
     self.noise = jax.random.normal(jax.random.key(config.seed + 7), (n, *shape, autoencoder.channels))
@@ -134,6 +135,7 @@ class Evaluator:
       scalars['eval/fvd'] = fvd.frechet_distance(self.real_stats, fake)
     if self.is_shapes:
       scalars.update({f'eval/adherence/{k}': v for k, v in adherence.score(generated, self.prompts).items() if k != 'n'})
+    if self.learned is not None:
       scalars.update({f'eval/learned_adherence/{k}': v for k, v in self.learned.adherence(generated, self.prompts).items()})
     scalars['eval/seconds'] = time.time() - start
     count = self.config.eval.get('videos_to_tensorboard', 4)
