@@ -48,8 +48,8 @@ def timestep_losses(model: sample.Model, videos_bthwc, prompts: list, num_bucket
   shape = model.autoencoder.latent_shape(*videos.shape[1:4])
   noise = jax.random.normal(jax.random.key(seed), (len(videos), *shape, model.autoencoder.channels))
   cond, _ = sample.conditioning(cfg, list(prompts), model.text_encoder)
-  ts = (np.arange(num_buckets) + 0.5) / num_buckets
-  return ts, np.array([float(loss_at(model.params, model.autoencoder.params, videos, cond, noise, t)) for t in ts])
+  ts = evaluator.bucket_centres(num_buckets)
+  return ts, evaluator.timestep_losses(loss_at, model.params, model.autoencoder.params, videos, cond, noise, ts)
 
 
 def attention_maps(model: sample.Model, video_thwc, prompt, *, t: float = 0.5, block: int = 0,

@@ -86,6 +86,17 @@ def timestep_loss_fn(config, graphdef, autoencoder):
   return loss_at
 
 
+def bucket_centres(num_buckets: int) -> np.ndarray:
+  """The centres of `num_buckets` equal noise-level buckets in (0, 1)."""
+  return (np.arange(num_buckets) + 0.5) / num_buckets
+
+
+def timestep_losses(loss_at, params, ae_params, videos, cond, noise, timesteps) -> np.ndarray:
+  """`loss_at` (from `timestep_loss_fn`) at each t: all dispatched, then read back once."""
+  return np.asarray(jax.device_get([loss_at(params, ae_params, videos, cond, noise, t) for t in timesteps]),
+                    np.float64)
+
+
 class Evaluator:
   """Scores parameters on a fixed validation set; `evaluator(params, step, frozen) -> (scalars, videos)`.
 
@@ -114,7 +125,7 @@ class Evaluator:
                        if self.features else None)
     # Learned adherence reads the classifier's heads: only where it is the feature network too.
     self.learned = classifier.for_data(config.data) if self.is_shapes and self.features_name == 'shapes_classifier' else None
-    self.timesteps = (np.arange(e.timestep_buckets) + 0.5) / e.timestep_buckets
+    self.timesteps = bucket_centres(e.timestep_buckets)
     shape = autoencoder.latent_shape(*self.videos.shape[1:4])
     self.noise = jax.random.normal(jax.random.key(config.seed + 7), (n, *shape, autoencoder.channels))
     self._loss_at = timestep_loss_fn(config, graphdef, autoencoder)
@@ -124,8 +135,8 @@ class Evaluator:
     start = time.time()
     cond, _ = sample.conditioning(self.config, self.prompts, text_encoder)
     scalars = {}
-    losses = [float(self._loss_at(params, frozen['autoencoder'], self.videos, cond, self.noise, t))
-              for t in self.timesteps]
+    losses = timestep_losses(self._loss_at, params, frozen['autoencoder'], self.videos, cond, self.noise,
+                             self.timesteps).tolist()
     scalars.update({f'eval/loss_t{t:.2f}': v for t, v in zip(self.timesteps, losses)})
     scalars['eval/loss'] = float(np.mean(losses))
     model = sample.Model(self.config, self.graphdef, params, self.autoencoder, step, text_encoder)
