@@ -155,7 +155,8 @@ def test_the_launcher_stops_everything_as_soon_as_one_process_fails(data_dir, tm
     code = proc.wait(timeout=120)
   text = open(out_path).read()
   assert code != 0, text[-3000:]
-  assert 'process 1 exited with code -9' in text
+  # The killed process, or its peer when it sees the broken connection first (a race under load).
+  assert re.search(r'process (1 exited with code -9|0 exited with code)', text), text[-3000:]
   assert time.monotonic() - killed < 30
   for pid in pids:  # none left behind
     assert subprocess.run(['ps', '-p', str(pid), '-o', 'stat='], capture_output=True, text=True).stdout.strip() \
