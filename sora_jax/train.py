@@ -114,6 +114,17 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   if text_lib.is_frozen(config) and dit.is_class_conditional(m):
     raise UsageError(f'config.text_encoder.kind={config.text_encoder.kind!r} with a class-conditional model: '
                      f'use config.text_encoder.kind="byte" (unused) or config.model.conditioning="text"')
+  impl = m.get('attention_impl', 'xla') or 'xla'
+  if impl not in layers.ATTENTION_IMPLEMENTATIONS:
+    raise UsageError(f'config.model.attention_impl={impl!r}: use one of {layers.ATTENTION_IMPLEMENTATIONS}')
+  if impl == 'cudnn':
+    head_width = m.width // m.num_heads
+    needs = [f'an NVIDIA GPU (this run has {jax.default_backend()} devices)'] if jax.default_backend() != 'gpu' else []
+    needs += [f'config.model.dtype="bfloat16" (not {m.dtype!r})'] if m.dtype != 'bfloat16' else []
+    needs += ([f'a head width (width / num_heads = {head_width}) that is a multiple of 8, at most 256']
+              if head_width % 8 or head_width > 256 else [])
+    if needs:
+      raise UsageError('config.model.attention_impl="cudnn" (flash attention) needs ' + ' and '.join(needs))
   if m.get('sequence_parallel', 'all_to_all') not in layers.SEQUENCE_PARALLEL:
     raise UsageError(f'config.model.sequence_parallel={m.sequence_parallel!r}: use one of {layers.SEQUENCE_PARALLEL}')
   validate_frame_conditioning(config)

@@ -73,3 +73,29 @@ def test_sequence_parallel_self_attention_equals_unsharded_attention_with_a_key_
     np.testing.assert_allclose(g, g_ref, atol=2e-5)
   assert collective in hlo
   assert out.sharding.spec[1] == 'sequence'  # the output stays sharded like the queries
+
+
+def test_key_lengths_for_cudnn_equal_the_key_mask_for_padding_at_the_end():
+  # cuDNN's flash attention takes key padding as per-sample lengths; `attend` derives them from the
+  # mask. XLA accepts both forms, so the equivalence is checked here on CPU.
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(kq, (3, 6, 2, 8))
+  k, v = jax.random.normal(kk, (3, 5, 2, 8)), jax.random.normal(kv, (3, 5, 2, 8))
+  lengths = jnp.array([5, 2, 1], jnp.int32)
+  mask_bl = jnp.arange(5)[None, :] < lengths[:, None]
+  with_mask = layers.attend(q, k, v, mask_bl)
+  with_lengths = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=mask_bl.sum(-1, dtype=jnp.int32))
+  np.testing.assert_allclose(with_lengths, with_mask, atol=1e-6)
+  np.testing.assert_allclose(with_mask[2], jnp.broadcast_to(v[2, :1], (6, 2, 8)), atol=1e-6)  # 1 key: its value
+
+
+def test_cudnn_attention_is_refused_before_compiling_where_it_cannot_run():
+  from sora_jax import UsageError, train
+  from configs import shapes
+  config = shapes.get_config('tiny')
+  config.model.attention_impl = 'cudnn'
+  with pytest.raises(UsageError, match='attention_impl="cudnn"'):
+    train.validate_config(config, 1)  # a CPU here; float32 too
+  config.model.attention_impl = 'flash'
+  with pytest.raises(UsageError, match='attention_impl'):
+    train.validate_config(config, 1)

@@ -207,8 +207,8 @@ class DiT(nnx.Module):
       self.label_embedding = param(rngs, layers.init_normal(0.02), (num_classes + 1, width), ('classes', 'embed'))
     if self.pooled_text:  # attention pooling: learned queries pick the words that matter
       self.pool_query = param(rngs, layers.init_normal(0.02), (1, width), ('pos', 'embed'))
-      self.pool_attn = layers.Attention(width, num_heads, rngs=rngs, dtype=dtype,
-                                        implementation=attention_impl, query_axis=None)
+      self.pool_attn = layers.Attention(width, num_heads, rngs=rngs, dtype=dtype,  # one query: XLA's
+                                        query_axis=None)
       self.pool_mlp = layers.Mlp(width, width, rngs=rngs, dtype=dtype, token_axis=None)
     self.blocks = nnx.List([
         DiTBlock(width, num_heads, mlp_ratio, text_dim=width if conditioning == 'text' else None,

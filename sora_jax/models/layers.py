@@ -110,6 +110,25 @@ def _mesh_axes(logical_axes, shape) -> list[tuple[str, ...]]:
   return fitted
 
 
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn')
+
+
+def attend(q_bsnk, k_blnk, v_blnk, mask_bl=None, implementation=None):
+  """`jax.nn.dot_product_attention` with a key padding mask (mask_bl: [b, l], True = real key).
+
+  cuDNN takes no [b, 1, 1, l] mask (its bias must span the queries), so there the mask becomes
+  per-sample key lengths: exact for the masks used here, real tokens first, then padding
+  (tokenizers and packed clips pad at the end; `tests/test_layers.py` checks lengths == mask).
+  """
+  if mask_bl is None:
+    return jax.nn.dot_product_attention(q_bsnk, k_blnk, v_blnk, implementation=implementation)
+  if implementation == 'cudnn':
+    return jax.nn.dot_product_attention(q_bsnk, k_blnk, v_blnk, implementation=implementation,
+                                        key_value_seq_lengths=mask_bl.sum(-1, dtype=jnp.int32))
+  return jax.nn.dot_product_attention(q_bsnk, k_blnk, v_blnk, mask=mask_bl[:, None, None, :],
+                                      implementation=implementation)
+
+
 def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
                    sequence_parallel: str = 'all_to_all'):
   """Self-attention over spacetime tokens that may be sharded on the mesh's 'sequence' axis.
@@ -123,21 +142,20 @@ def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
   - 'xla': no explicit collectives; the compiler chooses (it gathers keys and values).
   All three equal unsharded attention. mask_bs: [b, s] True where a key is real (padding).
   """
-  mask = None if mask_bs is None else mask_bs[:, None, None, :]
-  plain = lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation=implementation)
+  plain = lambda q, k, v, m: attend(q, k, v, m, implementation)
   batch_axes, seq_axes, head_axes, _ = _mesh_axes(('act_batch', 'act_seq', 'act_heads', None), q_bsnk.shape)
   if sequence_parallel == 'xla' or not seq_axes:
-    return plain(q_bsnk, k_bsnk, v_bsnk, mask)
+    return plain(q_bsnk, k_bsnk, v_bsnk, mask_bs)
   mesh = jax.sharding.get_abstract_mesh()
   n_seq = math.prod(mesh.shape[a] for a in seq_axes)
   local_heads = q_bsnk.shape[2] // math.prod(mesh.shape[a] for a in head_axes)
   use_all_to_all = sequence_parallel == 'all_to_all' and local_heads % n_seq == 0
   spec = P(batch_axes or None, seq_axes, head_axes or None, None)
-  mask_spec = P(batch_axes or None, None, None, seq_axes)
+  mask_spec = P(batch_axes or None, seq_axes)
 
-  def local(q, k, v, m):  # [b/dp, s/n, heads/tp, k]; m: [b/dp, 1, 1, s/n] or None
+  def local(q, k, v, m):  # [b/dp, s/n, heads/tp, k]; m: [b/dp, s/n] or None
     if m is not None:
-      m = jax.lax.all_gather(m, seq_axes, axis=3, tiled=True)  # every query sees every key's mask
+      m = jax.lax.all_gather(m, seq_axes, axis=1, tiled=True)  # every query sees every key's mask
     if use_all_to_all:
       to_heads = lambda x: jax.lax.all_to_all(x, seq_axes, split_axis=2, concat_axis=1, tiled=True)
       out = plain(to_heads(q), to_heads(k), to_heads(v), m)  # [b, s, heads/(tp n), k]
@@ -145,11 +163,11 @@ def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
     gather = lambda x: jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)
     return plain(q, gather(k), gather(v), m)
 
-  if mask is None:
+  if mask_bs is None:
     return jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh, in_specs=(spec, spec, spec),
                          out_specs=spec)(q_bsnk, k_bsnk, v_bsnk)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec)(
-      q_bsnk, k_bsnk, v_bsnk, mask)
+      q_bsnk, k_bsnk, v_bsnk, mask_bs)
 
 class Attention(nnx.Module):
   """Multi-head attention with QK-norm; self-attention with RoPE, or cross-attention to `context`.
@@ -212,8 +230,7 @@ class Attention(nnx.Module):
       out = self_attention(q, k, v, mask_bl, implementation=self.implementation,
                            sequence_parallel=self.sequence_parallel)
     else:
-      mask = None if mask_bl is None else mask_bl[:, None, None, :]  # [b, 1(n), 1(s), l]
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+      out = attend(q, k, v, mask_bl, self.implementation)
     return jnp.einsum('bsnk,nkd->bsd', out, self.wo.astype(dt)) + self.bo.astype(dt)
 
 

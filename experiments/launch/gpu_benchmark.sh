@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU figures of the scale issue on one NVIDIA GPU: the ~700M video DiT at 8192 tokens per
+# sample (128 x 256 x 256 clips, 4 x 16 x 16 patches), bfloat16 compute, cuDNN flash attention;
+# then the longest clip whose step fits with full remat (compile-time memory analysis, batch 1),
+# and cuDNN vs XLA attention at the same size.
+#
+#   bash experiments/launch/gpu_benchmark.sh [OUT_DIR]      # one JSON line per measurement in OUT_DIR
+#
+# Measured on an H100 80GB (jax 0.11.2, flax 0.12.10; README "On a GPU"): remat none, batch 4:
+# 0.407 s/step, 80.6k tokens/s, 404 TFLOP/s of a 753 TFLOP/s bf16 matmul: mfu 0.54, 65.1 GB peak;
+# remat dots: 0.477 s/step, mfu 0.44, 33.3 GB. Each 700M compile takes 90-120 s there, so each
+# stage has its own time limit and one slow compile does not cost the others.
+set -uo pipefail
+OUT="${1:-gpu_benchmark}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.95}  # JAX takes 75% by default
+BENCH="python experiments/benchmark.py --config=configs/video_dit.py:700M --config.model.attention_impl=cudnn"
+CLIP_8K="--config.data.frames=128 --config.data.height=256 --config.data.width=256"
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 seconds=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${seconds}s): $*"
+  timeout "$seconds" "$@" 2>&1 | tee "$OUT/$name.log" | grep -E '^\{|error|Error|timing|frames ' | cut -c1-2000
+  echo "=== $name: exit ${PIPESTATUS[0]}"
+}
+
+python -c 'import jax, flax, sys; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+
+# 1. The headline: 4 samples x 8192 tokens per step, no remat (fits 80 GB); then remat of all but matmuls.
+stage step_8k ${STEP_S:-240} $BENCH $CLIP_8K --config.batch_size=4 --config.model.remat=none --warmup=2 --steps=5
+stage step_8k_dots ${STEP_S:-240} $BENCH $CLIP_8K --config.batch_size=4 --config.model.remat=dots --warmup=2 --steps=5
+# 2. The longest clip that fits with full remat (one sample; compile only, the memory XLA plans).
+stage longest ${LONGEST_S:-420} $BENCH --config.batch_size=1 --config.model.remat=full --analyze_only \
+  --config.data.height=256 --config.data.width=256 --sweep_frames=${SWEEP_FRAMES:-2048,4096,8192}
+# 3. cuDNN vs XLA attention at 8192 tokens (one sample, full remat, so XLA's scores fit).
+stage cudnn_8k ${PAIR_S:-200} $BENCH $CLIP_8K --config.batch_size=1 --config.model.remat=full --warmup=1 --steps=3
+stage xla_8k ${PAIR_S:-200} $BENCH $CLIP_8K --config.batch_size=1 --config.model.remat=full --warmup=1 --steps=3 \
+  --config.model.attention_impl=xla
