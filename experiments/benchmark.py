@@ -15,7 +15,8 @@ random (or, ahead of time, abstract) batch of the config's shape: the same remat
 micro-batches (`config.grad_accum_steps`) as a real run. FLOPs are counted analytically
 (`dit.forward_flops_per_sample`: matmuls incl. attention, train step = 3 x forward) and
 cross-checked against XLA's cost analysis of the compiled step. The peak is a dense matmul of the
-model's dtype, timed on every device at once in the same run. Prints progress, then one JSON line
+model's dtype, timed on every device at once in the same run, just before and just after the
+step's timing (the higher counts, so a drifting machine makes the MFU err low). Prints progress, then one JSON line
 last (`--sweep`: one per remat policy).
 
 Per-device memory (`per_device_bytes`): the most loaded device's share of params, optimizer state
@@ -300,6 +301,7 @@ def measure(config, analyze_only: bool, topology: str | None = None) -> dict:
     for _ in range(max(FLAGS.warmup, 1)):
       state, metrics = step_fn(state, batch, frozen)
     jax.block_until_ready(metrics)
+    peak_before = matmul_peak_flops(jnp.dtype(config.model.dtype), devices)
     logging.info('timing %d steps', FLAGS.steps)
     start = time.perf_counter()
     for _ in range(FLAGS.steps):
@@ -308,7 +310,9 @@ def measure(config, analyze_only: bool, topology: str | None = None) -> dict:
     step_time = (time.perf_counter() - start) / FLAGS.steps
 
   model_flops = result['model_flops_per_step']
-  peak = matmul_peak_flops(jnp.dtype(config.model.dtype), devices)
+  # The machine's speed drifts (shared hosts, clocks): the higher of the peaks timed just before and
+  # just after the step's timing, so the MFU errs low.
+  peak = max(peak_before, matmul_peak_flops(jnp.dtype(config.model.dtype), devices))
   stats = devices[0].memory_stats() or {}
   result.update(step_time_s=step_time, steps_per_s=1 / step_time,
                 tokens_per_s=result['tokens_per_step'] / step_time,
