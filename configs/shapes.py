@@ -123,6 +123,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       min_t=0.3,  # i.e. the x0 error weighted by 1 / t^2, a weight capped at 1 / min_t^2
       time_mean=0.0, time_std=1.0,  # logit-normal timestep distribution
       time_shift=1.0,
+      # Timestep shift by size: 0 keeps time_shift at every size; N multiplies it (and the sampling
+      # time_shift) by sqrt(tokens / N) for a sample of `tokens` spacetime patches.
+      shift_base_tokens=0,
       high_noise_fraction=0.3, high_noise_min=0.8,  # share of t drawn from U(0.8, 1)
       caption_dropout=0.1,  # empty caption rate, for classifier-free guidance
   )
@@ -135,6 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       stochasticity=0.5,  # fresh noise per step: lets late steps clean up ragged edges (0: the ODE)
       frame_guidance_scale=1.0,  # guidance toward given frames (image-to-video, ...); 1: none extra
       prompts=PROMPTS,  # written to WORKDIR/samples/ at the end of training
+      max_tokens=1024,  # the largest sample (in spacetime patches) sampling accepts (--frames/--height/--width)
   )
   # Scored during training on the first num_videos validation clips (sora_jax/eval/evaluator.py):
   # per-timestep validation loss, FVD against the clips, prompt adherence; in metrics.jsonl + TensorBoard.

@@ -75,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   config.optim.update(learning_rate=1e-4, warmup_steps=2000, final_lr_fraction=0.1, b1=0.9, b2=0.999,
                       weight_decay=0.0, grad_clip_norm=1.0)
-  config.sample.update(num_steps=50, guidance_scale=5.0, fps=16)
+  config.sample.update(num_steps=50, guidance_scale=5.0, fps=16, max_tokens=0)  # 0: no size limit
   config.mesh = mesh
   config.sharding_rules = shapes.SHARDING_RULES
   return config

@@ -79,17 +79,22 @@ def windows(frames: int, window: int, backward: bool = False) -> list[int]:
   return [frames - window - s for s in starts] if backward else starts
 
 
-def generate_frames(model, prompts: list, given: dict, *, frames: int | None = None, backward: bool = False,
-                    loop: bool = False, seed: int = 0, **sample_kw) -> np.ndarray:
+def generate_frames(model, prompts: list, given: dict, *, frames: int | None = None, height: int | None = None,
+                    width: int | None = None, backward: bool = False, loop: bool = False, seed: int = 0,
+                    **sample_kw) -> np.ndarray:
   """uint8 [len(prompts), frames, H, W, 3] with frame i equal to `given[i]` (uint8 [H, W, 3], the same
   for every prompt) for each given index, the rest generated window by window (module docstring).
+  Windows are the training length T; a model trained at native sizes (`config.data.max_frames`) makes
+  up to max_frames frames in one pass. H, W: `height`, `width` or the config's.
   `sample_kw` go to `sample.generate` (steps, guidance scales, stochasticity, negative prompt)."""
   from sora_jax import sample
   cfg = model.config
-  T, H, W = cfg.data.frames, cfg.data.height, cfg.data.width
+  T, H, W = cfg.data.frames, height or cfg.data.height, width or cfg.data.width
   frames = frames or T
   if frames < 1:
     raise UsageError(f'frames={frames}: need at least one frame')
+  if cfg.data.get('max_frames'):
+    T = min(frames, cfg.data.max_frames)
   b = len(prompts)
   out = np.zeros((b, max(frames, T), H, W, 3), np.uint8)
   known = np.zeros(max(frames, T), bool)
@@ -101,7 +106,7 @@ def generate_frames(model, prompts: list, given: dict, *, frames: int | None = N
       continue
     any_given = window_known.any()
     clips = sample.generate(model, prompts, seed=seed + 7919 * w, given=out[:, start:start + T] if any_given else None,
-                            given_mask=window_known if any_given else None, **sample_kw)
+                            given_mask=window_known if any_given else None, size=(T, H, W), **sample_kw)
     out[:, start:start + T] = clips
     known[start:start + T] = True
   out = out[:, :frames]
@@ -127,7 +132,8 @@ def close_loop(model, prompts: list, videos: np.ndarray, *, keep=(), seed: int =
   for i in keep:
     if n - new <= i < n:
       mask[before + i - (n - new)] = True
-  clips = sample.generate(model, prompts, seed=seed + 7919 * 999, given=window, given_mask=mask, **sample_kw)
+  clips = sample.generate(model, prompts, seed=seed + 7919 * 999, given=window, given_mask=mask,
+                          size=window.shape[1:4], **sample_kw)
   return np.concatenate([videos[:, :n - new], clips[:, before:before + new]], axis=1)
 
 

@@ -9,6 +9,7 @@ From a notebook:
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from functools import partial
@@ -83,6 +84,34 @@ def _sample_latents(params, graphdef, noise, start, cond, null_cond, guidance_sc
   return x if given is None else fc.apply_to_input(x, given['x'], given['mask_bt'])
 
 
+def check_size(config, autoencoder, frames: int, height: int, width: int,
+               names=('config.data.frames', 'config.data.height', 'config.data.width')) -> tuple[int, int, int]:
+  """The latent (T, H, W) of a clip of this size, or a one-line UsageError naming the field (`names`)
+  that the autoencoder or the patch does not divide, or a size over `config.sample.max_tokens`."""
+  sizes = (frames, height, width)
+  prefix = os.path.commonprefix(list(names)).rpartition('.')[0]  # 'config.data.frames/height/width'
+  label = prefix + '.' + '/'.join(n[len(prefix) + 1:] for n in names) if prefix else '/'.join(names)
+  for name, n in zip(names, sizes):
+    if not isinstance(n, int) or n < 1:
+      raise UsageError(f'{name}={n!r}: must be a positive integer')
+  try:
+    latent_thw = autoencoder.latent_shape(*sizes)
+  except ValueError as e:
+    raise UsageError(f'{label}={frames}x{height}x{width} do not fit config.autoencoder.kind='
+                     f'{config.autoencoder.kind!r}: {e}') from None
+  patch = tuple(config.model.patch)
+  for name, n, latent, p in zip(names, sizes, latent_thw, patch):
+    if p <= 0 or latent % p:
+      via = '' if latent == n else f' (latent {name.rsplit(".", 1)[-1].lstrip("-")} {latent})'
+      raise UsageError(f'config.model.patch={patch} does not divide {name}={n}{via}')
+  tokens = math.prod(n // p for n, p in zip(latent_thw, patch))
+  limit = config.sample.get('max_tokens')
+  if limit and tokens > limit:
+    raise UsageError(f'{frames}x{height}x{width} is {tokens} spacetime patches, more than config.sample.max_tokens='
+                     f'{limit} ({label})')
+  return latent_thw
+
+
 def conditioning(config, prompts: list, text_encoder=None, negative_prompt: str | None = None) -> tuple[dict, dict]:
   """The DiT keywords for `prompts` and for the unconditional branch of guidance.
 
@@ -118,8 +147,12 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
              guidance_scale: float | None = None, time_shift: float | None = None,
              stochasticity: float | None = None, negative_prompt: str | None = None,
              given=None, given_mask=None, frame_guidance_scale: float | None = None,
-             edit=None, strength: float | None = None) -> np.ndarray:
-  """uint8 videos [len(prompts), T, H, W, 3] at the config's size; unset options come from `config.sample`.
+             edit=None, strength: float | None = None, size: tuple[int, int, int] | None = None) -> np.ndarray:
+  """uint8 videos [len(prompts), T, H, W, 3]; unset options come from `config.sample`.
+
+  `size` (frames, height, width): any size the autoencoder and patch divide, up to
+  `config.sample.max_tokens` (default: the training clip's). With `config.objective.shift_base_tokens`
+  set, the time shift grows with the size as in training (`rf.size_shift`).
 
   `prompts` are captions, or class indices for a class-conditional model. `negative_prompt`
   replaces the empty caption in the unconditional branch of guidance (see `conditioning`).
@@ -144,9 +177,12 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   if not 0 <= stochasticity <= 1:
     raise UsageError(f'stochasticity={stochasticity}: use a value in [0, 1]')
   b = len(prompts)
-  frames = (cfg.data.frames, cfg.data.height, cfg.data.width, 3)
+  size = tuple(size or (cfg.data.frames, cfg.data.height, cfg.data.width))
+  shape = check_size(cfg, model.autoencoder, *size, names=('frames', 'height', 'width'))
+  tokens = math.prod(n // p for n, p in zip(shape, cfg.model.patch))
+  time_shift = float(rf.size_shift(time_shift, tokens, cfg.objective.get('shift_base_tokens')))
+  frames = (*size, 3)
   cond, null_cond = conditioning(cfg, list(prompts), model.text_encoder, negative_prompt)
-  shape = model.autoencoder.latent_shape(*frames[:3])
   key, sde_key = jax.random.split(jax.random.key(seed))
   # One noise per prompt index, so a prompt's video does not depend on the batch around it.
   noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (*shape, model.autoencoder.channels)))(
@@ -246,8 +282,8 @@ def define_flags():
   flags.DEFINE_string('workdir', None, 'Training workdir to sample from.')
   flags.DEFINE_multi_string('prompt', None, 'Text prompt (a class index for a class-conditional model); '
                             'repeat for several videos.')
-  flags.DEFINE_string('out', 'sample.mp4', 'Output .mp4 or .gif; with several prompts, _0, _1, ... '
-                      'are inserted before the suffix.')
+  flags.DEFINE_string('out', 'sample.mp4', 'Output .mp4, .gif, or .png for one frame; with several prompts, '
+                      '_0, _1, ... are inserted before the suffix.')
   flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance scale (default: config).')
   flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
   flags.DEFINE_float('stochasticity', None, 'Share of fresh noise per step, 0 (deterministic flow) to 1 '
@@ -266,7 +302,10 @@ def define_flags():
   flags.DEFINE_float('strength', None, 'SDEdit noise level in (0, 1] (default 0.7): higher changes more.')
   flags.DEFINE_bool('loop', False, 'Make the last frame lead back into the first.')
   flags.DEFINE_integer('frames', None, 'Output frames (default: the training length); longer outputs are '
-                       'made window by window, each given the last half of the previous one.')
+                       'made window by window, each given the last half of the previous one. A model trained '
+                       'at native sizes (config.data.max_frames) makes up to that many in one pass; 1: an image.')
+  flags.DEFINE_integer('height', None, 'Output height in pixels (default: the config\'s); the patch must divide it.')
+  flags.DEFINE_integer('width', None, 'Output width in pixels (default: the config\'s); the patch must divide it.')
   flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config; 1: none '
                      'beyond the text guidance).')
 
@@ -275,7 +314,7 @@ def output_paths(out: str, count: int) -> list[str]:
   """The video paths for `count` prompts, checked writable before any sampling is done."""
   root, suffix = os.path.splitext(out)
   if suffix.lower() not in video.SUFFIXES:
-    raise UsageError(f'--out={out}: use a .mp4 or .gif file name')
+    raise UsageError(f'--out={out}: use a .mp4, .gif or .png (one frame) file name')
   ensure_writable_dir(os.path.dirname(os.path.abspath(out)), f'--out={out}')
   return [out] if count == 1 else [f'{root}_{i}{suffix}' for i in range(count)]
 
@@ -304,15 +343,18 @@ def check_prompting_flags() -> None:
     raise UsageError('--edit combines with the prompt, guidance, seed and steps only')
   if FLAGS.edit and not 0 < (FLAGS.strength if FLAGS.strength is not None else 0.7) <= 1:
     raise UsageError(f'--strength={FLAGS.strength}: use a noise level in (0, 1]')
-  if FLAGS.frames is not None and FLAGS.frames < 1:
-    raise UsageError(f'--frames={FLAGS.frames}: need at least one frame')
+  for name in ('frames', 'height', 'width'):
+    if FLAGS[name].value is not None and FLAGS[name].value < 1:
+      raise UsageError(f'--{name}={FLAGS[name].value}: must be a positive integer')
+  if FLAGS.edit and (FLAGS.height or FLAGS.width):
+    raise UsageError('--edit keeps the size of the model\'s clips: drop --height/--width')
 
 
 def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np.ndarray:
   """The videos the flags ask for: plain text-to-video, or with keyframes, extension, edit, loop, length."""
   from sora_jax import prompting
   cfg = model.config
-  H, W = cfg.data.height, cfg.data.width
+  H, W = FLAGS.height or cfg.data.height, FLAGS.width or cfg.data.width
 
   def read(reader, path):
     frames, note = reader(path, H, W)
@@ -333,8 +375,8 @@ def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np
     given, note = prompting.given_frames(frames, images, clip, backward=bool(FLAGS.extend_backward))
     if note:
       print(note)
-    videos = prompting.generate_frames(model, prompts, given, frames=frames, backward=bool(FLAGS.extend_backward),
-                                       loop=FLAGS.loop, **kw)
+    videos = prompting.generate_frames(model, prompts, given, frames=frames, height=H, width=W,
+                                       backward=bool(FLAGS.extend_backward), loop=FLAGS.loop, **kw)
   return videos
 
 
@@ -347,6 +389,13 @@ def main(argv):
     keyframe_specs = parse_keyframes(FLAGS.keyframe)
     paths = output_paths(FLAGS.out, len(FLAGS.prompt))
     model = load(FLAGS.workdir, FLAGS.checkpoint_step)
+    cfg = model.config
+    frames, height, width = FLAGS.frames or cfg.data.frames, FLAGS.height or cfg.data.height, FLAGS.width or cfg.data.width
+    if paths[0].lower().endswith('.png') and frames != 1:
+      raise UsageError(f'--out={FLAGS.out}: a .png holds one frame; pass --frames=1 or write .mp4/.gif')
+    if FLAGS.height or FLAGS.width:  # checked before sampling; one window of the output
+      window = min(frames, cfg.data.get('max_frames') or cfg.data.frames) if cfg.data.get('max_frames') else cfg.data.frames
+      check_size(cfg, model.autoencoder, window, height, width, names=('--frames', '--height', '--width'))
     kw = dict(seed=FLAGS.seed, num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale,
               stochasticity=FLAGS.stochasticity, negative_prompt=FLAGS.negative_prompt,
               frame_guidance_scale=FLAGS.frame_guidance_scale)

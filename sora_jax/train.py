@@ -74,15 +74,7 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   if len(m.patch) != 3:
     raise UsageError(f'config.model.patch={tuple(m.patch)}: give (t, h, w) patch sizes')
   ae = autoencoder_lib.make(config.autoencoder, load_weights=False)  # reads a VAE's config.json only
-  try:
-    latent_thw = ae.latent_shape(d.frames, d.height, d.width)
-  except ValueError as e:
-    raise UsageError(f'config.data.frames/height/width do not fit config.autoencoder.kind='
-                     f'{config.autoencoder.kind!r}: {e}') from None
-  for name, size, latent, p in zip(('frames', 'height', 'width'), (d.frames, d.height, d.width), latent_thw, m.patch):
-    if p <= 0 or latent % p:
-      via = '' if latent == size else f' (latent {name} {latent})'
-      raise UsageError(f'config.model.patch={tuple(m.patch)} does not divide config.data.{name}={size}{via}')
+  sample.check_size(config, ae, d.frames, d.height, d.width)
   if m.width % m.num_heads:
     raise UsageError(f'config.model.width={m.width} is not divisible by config.model.num_heads={m.num_heads}')
   if config.objective.prediction not in ('x0', 'velocity'):
@@ -320,7 +312,9 @@ def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
       else:
         cond = dict(tokens_bl=tokens_bl, token_mask_bl=token_mask_bl)
     noise = jax.random.normal(r_noise, x0.shape)
-    t = rf.sample_time(r_time, b, mean=obj.time_mean, std=obj.time_std, shift=obj.time_shift,
+    tokens = math.prod(n // p for n, p in zip(x0.shape[1:4], config.model.patch))
+    shift = rf.size_shift(obj.time_shift, tokens, obj.get('shift_base_tokens'))
+    t = rf.sample_time(r_time, b, mean=obj.time_mean, std=obj.time_std, shift=shift,
                        high_noise_fraction=obj.high_noise_fraction, high_noise_min=obj.high_noise_min)
     given = None
     if frame_conditioning_on(config):  # its own stream: the other draws stay those of plain training

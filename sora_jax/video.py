@@ -6,7 +6,7 @@ import av
 import numpy as np
 from PIL import Image
 
-SUFFIXES = ('.mp4', '.gif')
+SUFFIXES = ('.mp4', '.gif', '.png')  # .png: one frame (an image)
 
 
 def to_uint8(video_thwc) -> np.ndarray:
@@ -15,14 +15,19 @@ def to_uint8(video_thwc) -> np.ndarray:
 
 
 def write(path: str, frames_thwc: np.ndarray, fps: int = 8, upscale: int = 1) -> str:
-  """Writes uint8 frames [T, H, W, 3] to `path` (.mp4 or .gif); `upscale` repeats pixels."""
+  """Writes uint8 frames [T, H, W, 3] to `path` (.mp4, .gif, or .png for one frame); `upscale` repeats pixels."""
   suffix = os.path.splitext(path)[1].lower()
   if suffix not in SUFFIXES:
     raise ValueError(f'{path}: unsupported video format {suffix!r}; use one of {SUFFIXES}')
   frames = np.asarray(frames_thwc, np.uint8)
   if upscale > 1:
     frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
+  if suffix == '.png' and len(frames) != 1:
+    raise ValueError(f'{path}: a .png holds one frame, got {len(frames)} (use .mp4 or .gif)')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if suffix == '.png':
+    Image.fromarray(frames[0]).save(path)
+    return path
   if suffix == '.gif':
     images = [Image.fromarray(f) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
@@ -43,8 +48,8 @@ def write(path: str, frames_thwc: np.ndarray, fps: int = 8, upscale: int = 1) ->
 
 
 def read(path: str) -> np.ndarray:
-  """uint8 [T, H, W, 3] frames of an mp4 or gif."""
-  if os.path.splitext(path)[1].lower() == '.gif':
+  """uint8 [T, H, W, 3] frames of an mp4, gif or png."""
+  if os.path.splitext(path)[1].lower() in ('.gif', '.png'):
     with Image.open(path) as im:
       frames = []
       for i in range(getattr(im, 'n_frames', 1)):

@@ -254,6 +254,12 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
       common + [out('x.gif'), f'--keyframe={tmp_path}/first.png'],
       common + [out('x.gif'), '--strength=0.5'],
       common + [out('x.gif'), f'--extend={tmp_path}/clip.gif', f'--extend_backward={tmp_path}/clip.gif'],
+      # Sizes (native-size sampling): another frame size, a one-frame .png, and the size errors.
+      common + [out('wide.gif'), '--height=32', '--width=48', f'--extend={tmp_path}/clip.gif'],
+      common + [out('image.png'), '--frames=1'],
+      common + [out('x.gif'), '--width=30'],
+      common + [out('x.png')],
+      common + [out('x.gif'), '--height=512', '--width=512'],
   ]
   result = subprocess.run([sys.executable, '-c', CLI_DRIVER, json.dumps(runs)], cwd=os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), env=subprocess_env(1), capture_output=True, text=True, timeout=600)
@@ -273,7 +279,33 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
   assert 'use PATH@INDEX' in codes[5]
   assert '--strength goes with --edit' in codes[6]
   assert 'give one' in codes[7]
+  assert codes[8:10] == ['ok'] * 2, (codes, result.stderr[-3000:])
+  wide = video.read(str(tmp_path / 'wide.gif'))
+  assert wide.shape == (8, 32, 48, 3) and 'clip.gif: 32x32 resized and center-cropped to 48x32' in result.stdout
+  assert video.read(str(tmp_path / 'image.png')).shape == (1, 32, 32, 3)
+  assert 'config.model.patch=(2, 8, 8) does not divide --width=30' in codes[10]
+  assert 'a .png holds one frame' in codes[11]
+  assert '16384 spacetime patches, more than config.sample.max_tokens=1024' in codes[12]
   assert all('\n' not in code for code in codes)
+
+
+def test_sampling_at_another_size_gives_exactly_that_size_and_the_default_is_the_config(conditioned_workdir):
+  from sora_jax import UsageError, sample
+  model = sample.load(conditioned_workdir)
+  kw = dict(num_steps=2, seed=1)
+  np.testing.assert_array_equal(sample.generate(model, PROMPTS, size=(8, 32, 32), **kw),
+                                sample.generate(model, PROMPTS, **kw))
+  assert sample.generate(model, PROMPTS, size=(4, 16, 56), **kw).shape == (2, 4, 16, 56, 3)
+  with pytest.raises(UsageError, match='does not divide height=20'):
+    sample.generate(model, PROMPTS, size=(8, 20, 32), **kw)
+
+
+def test_the_time_shift_grows_with_the_square_root_of_the_token_count():
+  from sora_jax.diffusion import rectified_flow as rf
+  assert rf.size_shift(1.5, 1000, None) == 1.5 and rf.size_shift(1.5, 1000, 0) == 1.5  # off
+  np.testing.assert_allclose(rf.size_shift(1.0, [64, 256, 16], 64), [1.0, 2.0, 0.5])
+  t = np.linspace(0.1, 0.9, 5)
+  assert (rf.shift_time(t, rf.size_shift(1.0, 256, 64)) > t).all()  # more tokens: noisier
 
 
 def test_a_conditioning_probability_without_the_models_mark_is_refused(tiny_config):

@@ -112,7 +112,7 @@ def test_data_sizes_the_vae_cannot_take_are_a_config_error(tiny_config, wan_vae_
   from sora_jax import train
   config = tiny_config
   config.autoencoder.update(kind='wan', path=wan_vae_dir)
-  with pytest.raises(UsageError, match='config.data.frames/height/width do not fit .*frames must be 1 \\+ 4n'):
+  with pytest.raises(UsageError, match='config.data.frames/height/width=8x32x32 do not fit .*frames must be 1 \\+ 4n'):
     train.validate_config(config, jax.device_count())  # 8 frames
   config.data.frames = 9
   with pytest.raises(UsageError, match='config.model.patch=\\(2, 8, 8\\) does not divide config.data.frames=9 \\(latent frames 3\\)'):

@@ -19,6 +19,15 @@ def shift_time(t, shift: float):
   return shift * t / (1 + (shift - 1) * t)
 
 
+def size_shift(shift, tokens, base_tokens: int | None):
+  """The time shift for a sample of `tokens` spacetime patches (SD3, Open-Sora): larger samples keep
+  more of their signal at a given noise level, so they are noised further, the shift growing as
+  sqrt(tokens / base_tokens). `base_tokens` 0 or None: `shift` at every size. `tokens` may be an array."""
+  if not base_tokens:
+    return shift
+  return shift * jnp.sqrt(jnp.asarray(tokens, jnp.float32) / base_tokens)
+
+
 def sample_time(rng, batch: int, *, mean: float = 0.0, std: float = 1.0, shift: float = 1.0,
                 high_noise_fraction: float = 0.0, high_noise_min: float = 0.8):
   """Logit-normal times [batch] in (0, 1), shifted; a fraction is drawn from U(high_noise_min, 1).

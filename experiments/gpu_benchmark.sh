@@ -4,7 +4,7 @@
 # then the longest clip whose step fits with full remat (compile-time memory analysis, batch 1),
 # and cuDNN vs XLA attention at the same size.
 #
-#   bash experiments/launch/gpu_benchmark.sh [OUT_DIR]      # one JSON line per measurement in OUT_DIR
+#   bash experiments/gpu_benchmark.sh [OUT_DIR]      # one JSON line per measurement in OUT_DIR
 #
 # Measured on an H100 80GB (jax 0.11.2, flax 0.12.10; README "On a GPU"): remat none, batch 4:
 # 0.407 s/step, 80.6k tokens/s, 404 TFLOP/s of a 753 TFLOP/s bf16 matmul: mfu 0.54, 65.1 GB peak;
