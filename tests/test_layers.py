@@ -99,3 +99,46 @@ def test_cudnn_attention_is_refused_before_compiling_where_it_cannot_run():
   config.model.attention_impl = 'flash'
   with pytest.raises(UsageError, match='attention_impl'):
     train.validate_config(config, 1)
+
+
+@pytest.mark.parametrize('block', [512, 4])  # one block; then a scan over 3 blocks of queries (last padded)
+def test_packed_segments_attend_only_to_themselves_exactly_as_each_alone(block):
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 10, 2, 8)), jnp.float32) for _ in range(3))
+  # Row 0: samples of 5 and 3 tokens, then 2 padding; row 1: one sample of 10 tokens.
+  segments = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2, 0, 0], [1] * 10])
+  spans = [(0, 0, 5), (0, 5, 8), (1, 0, 10)]
+  loss = lambda q, k, v: sum(jnp.sum(layers.segment_attention(q, k, v, segments, segments, block=block)[r, a:e] ** 2)
+                             for r, a, e in spans)
+  out = layers.segment_attention(q, k, v, segments, segments, block=block)
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  for r, a, e in spans:
+    alone = lambda q, k, v: jax.nn.dot_product_attention(q[r:r + 1, a:e], k[r:r + 1, a:e], v[r:r + 1, a:e])
+    np.testing.assert_allclose(out[r, a:e], alone(q, k, v)[0], atol=1e-6)
+    ref = jax.grad(lambda q, k, v: jnp.sum(alone(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
+    for g, g_ref in zip(grads, ref):
+      np.testing.assert_allclose(g[r, a:e], g_ref[r, a:e], atol=1e-5)
+  assert np.isfinite(np.asarray(out)).all()
+  np.testing.assert_array_equal(np.asarray(grads[1])[0, 8:], 0)  # padding keys get no gradient
+
+
+@pytest.mark.parametrize('sequence_parallel', ['all_to_all', 'gather_kv'])
+def test_sequence_parallel_segment_attention_equals_unsharded(sequence_parallel):
+  from configs.shapes import SHARDING_RULES
+  rules = sharding.rules_tuple(SHARDING_RULES)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1, sequence=4))
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32) for _ in range(3))
+  segments = jnp.array([[1] * 6 + [2] * 7 + [0] * 3, [1] * 3 + [2] * 3 + [3] * 10])  # crossing shard edges
+  plain = lambda q, k, v: layers.segment_attention(q, k, v, segments, segments)
+  sp = lambda q, k, v: layers.self_attention(q, k, v, sequence_parallel=sequence_parallel, segment_bs=segments)
+  loss = lambda attend: lambda q, k, v: jnp.sum(jnp.where((segments > 0)[..., None, None], attend(q, k, v), 0) ** 2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    spec = NamedSharding(mesh, P(('data', 'fsdp'), 'sequence', 'tensor'))
+    q, k, v = (jax.device_put(x, spec) for x in (q, k, v))
+    out = jax.jit(sp)(q, k, v)
+    grads = jax.jit(jax.grad(loss(sp), argnums=(0, 1, 2)))(q, k, v)
+  real = np.asarray(segments > 0)
+  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(plain(q, k, v))[real], atol=1e-6)
+  for g, g_ref in zip(grads, jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, g_ref, atol=2e-5)

@@ -129,8 +129,33 @@ def attend(q_bsnk, k_blnk, v_blnk, mask_bl=None, implementation=None):
                                       implementation=implementation)
 
 
+def segment_attention(q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl, *, block: int = 512):
+  """Attention inside the segments of packed rows (several samples' tokens in one row).
+
+  Query i sees key j where their segment ids are equal and not 0 (0 marks padding; a padding query
+  sees nothing and returns garbage that the loss must skip). The scores are made `block` queries at
+  a time (a scan over query blocks): no [s, l] mask or [heads, s, l] scores exist at once, only
+  [heads, block, l]. XLA's attention inside; equal to attending to each segment alone.
+  """
+  b, s, n, k = q_bsnk.shape
+  pad = -s % block if s > block else 0
+  blocks = (s + pad) // min(block, s)
+
+  def one(qs):  # q [b, blk, n, k], segments [b, blk]
+    q, seg = qs
+    mask = (seg[:, :, None] == kv_segment_bl[:, None, :]) & (seg[:, :, None] > 0)  # [b, blk, l]
+    return jax.nn.dot_product_attention(q, k_blnk, v_blnk, mask=mask[:, None])
+
+  if blocks == 1:
+    return one((q_bsnk, q_segment_bs))
+  q = jnp.pad(q_bsnk, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, blocks, block, n, k).swapaxes(0, 1)
+  seg = jnp.pad(q_segment_bs, ((0, 0), (0, pad))).reshape(b, blocks, block).swapaxes(0, 1)
+  out = jax.lax.map(one, (q, seg))  # [blocks, b, block, n, k]
+  return out.swapaxes(0, 1).reshape(b, s + pad, n, k)[:, :s]
+
+
 def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
-                   sequence_parallel: str = 'all_to_all'):
+                   sequence_parallel: str = 'all_to_all', segment_bs=None):
   """Self-attention over spacetime tokens that may be sharded on the mesh's 'sequence' axis.
 
   With the tokens ('act_seq') sharded over n devices, each device holds s/n queries, keys and values:
@@ -141,33 +166,44 @@ def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
   - 'gather_kv': queries stay put, keys and values are all-gathered (n-1 times more traffic).
   - 'xla': no explicit collectives; the compiler chooses (it gathers keys and values).
   All three equal unsharded attention. mask_bs: [b, s] True where a key is real (padding).
+  segment_bs: [b, s] segment ids of packed rows (0: padding) instead of a mask: `segment_attention`.
   """
-  plain = lambda q, k, v, m: attend(q, k, v, m, implementation)
+  if segment_bs is not None and mask_bs is not None:
+    raise ValueError('give a key mask or segment ids, not both (segment 0 is padding)')
+
+  def plain(q, k, v, m, q_seg=None):  # m: the mask, or the keys' segment ids
+    if segment_bs is None:
+      return attend(q, k, v, m, implementation)
+    return segment_attention(q, k, v, m if q_seg is None else q_seg, m)
+
+  extra = mask_bs if segment_bs is None else segment_bs
   batch_axes, seq_axes, head_axes, _ = _mesh_axes(('act_batch', 'act_seq', 'act_heads', None), q_bsnk.shape)
   if sequence_parallel == 'xla' or not seq_axes:
-    return plain(q_bsnk, k_bsnk, v_bsnk, mask_bs)
+    return plain(q_bsnk, k_bsnk, v_bsnk, extra)
   mesh = jax.sharding.get_abstract_mesh()
   n_seq = math.prod(mesh.shape[a] for a in seq_axes)
   local_heads = q_bsnk.shape[2] // math.prod(mesh.shape[a] for a in head_axes)
   use_all_to_all = sequence_parallel == 'all_to_all' and local_heads % n_seq == 0
   spec = P(batch_axes or None, seq_axes, head_axes or None, None)
-  mask_spec = P(batch_axes or None, seq_axes)
+  extra_spec = P(batch_axes or None, seq_axes)
 
   def local(q, k, v, m):  # [b/dp, s/n, heads/tp, k]; m: [b/dp, s/n] or None
+    q_seg = m if segment_bs is not None else None  # the local queries' segments
     if m is not None:
       m = jax.lax.all_gather(m, seq_axes, axis=1, tiled=True)  # every query sees every key's mask
-    if use_all_to_all:
+    if use_all_to_all:  # the queries become whole sequences: so do their segments
       to_heads = lambda x: jax.lax.all_to_all(x, seq_axes, split_axis=2, concat_axis=1, tiled=True)
       out = plain(to_heads(q), to_heads(k), to_heads(v), m)  # [b, s, heads/(tp n), k]
       return jax.lax.all_to_all(out, seq_axes, split_axis=1, concat_axis=2, tiled=True)
     gather = lambda x: jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)
-    return plain(q, gather(k), gather(v), m)
+    return plain(q, gather(k), gather(v), m, q_seg)
 
-  if mask_bs is None:
+  if extra is None:
     return jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh, in_specs=(spec, spec, spec),
                          out_specs=spec)(q_bsnk, k_bsnk, v_bsnk)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec)(
-      q_bsnk, k_bsnk, v_bsnk, mask_bs)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, extra_spec), out_specs=spec)(
+      q_bsnk, k_bsnk, v_bsnk, extra)
+
 
 class Attention(nnx.Module):
   """Multi-head attention with QK-norm; self-attention with RoPE, or cross-attention to `context`.
