@@ -98,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.objective = dict(
       prediction='velocity',
       min_t=0.05,  # unused by velocity prediction
-      time_mean=0.0, time_std=1.0, time_shift=1.0,
+      time_mean=0.0, time_std=1.0, time_shift=1.0, shift_base_tokens=0,
       high_noise_fraction=1.0, high_noise_min=0.0,  # every t from U(0, 1), as SiT
       caption_dropout=0.1,  # for class models: the share of labels replaced by the null class
   )
@@ -107,7 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, weight_decay=0.0, grad_clip_norm=1e9,  # DiT clips nothing: a bound never reached
   )
   config.sample = dict(
-      num_steps=250, guidance_scale=1.5, time_shift=1.0, fps=1,  # DiT's 250 steps and FID guidance 1.5
+      num_steps=250, guidance_scale=1.5, time_shift=1.0, fps=1, max_tokens=0,  # DiT's 250 steps and FID guidance 1.5
       stochasticity=0.0,  # the ODE
       labels=SAMPLE_LABELS,  # written to WORKDIR/samples/ at the end of training
       prompts=(),  # unused by a class-conditional model

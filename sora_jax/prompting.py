@@ -84,8 +84,7 @@ def generate_frames(model, prompts: list, given: dict, *, frames: int | None = N
                     **sample_kw) -> np.ndarray:
   """uint8 [len(prompts), frames, H, W, 3] with frame i equal to `given[i]` (uint8 [H, W, 3], the same
   for every prompt) for each given index, the rest generated window by window (module docstring).
-  Windows are the training length T; a model trained at native sizes (`config.data.max_frames`) makes
-  up to max_frames frames in one pass. H, W: `height`, `width` or the config's.
+  Windows have the training length T; H, W: `height`, `width` or the config's.
   `sample_kw` go to `sample.generate` (steps, guidance scales, stochasticity, negative prompt)."""
   from sora_jax import sample
   cfg = model.config
@@ -93,8 +92,6 @@ def generate_frames(model, prompts: list, given: dict, *, frames: int | None = N
   frames = frames or T
   if frames < 1:
     raise UsageError(f'frames={frames}: need at least one frame')
-  if cfg.data.get('max_frames'):
-    T = min(frames, cfg.data.max_frames)
   b = len(prompts)
   out = np.zeros((b, max(frames, T), H, W, 3), np.uint8)
   known = np.zeros(max(frames, T), bool)

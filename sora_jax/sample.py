@@ -85,9 +85,10 @@ def _sample_latents(params, graphdef, noise, start, cond, null_cond, guidance_sc
 
 
 def check_size(config, autoencoder, frames: int, height: int, width: int,
-               names=('config.data.frames', 'config.data.height', 'config.data.width')) -> tuple[int, int, int]:
+               names=('config.data.frames', 'config.data.height', 'config.data.width'),
+               sampling: bool = False) -> tuple[int, int, int]:
   """The latent (T, H, W) of a clip of this size, or a one-line UsageError naming the field (`names`)
-  that the autoencoder or the patch does not divide, or a size over `config.sample.max_tokens`."""
+  that the autoencoder or the patch does not divide, or (`sampling`) a size over `config.sample.max_tokens`."""
   sizes = (frames, height, width)
   prefix = os.path.commonprefix(list(names)).rpartition('.')[0]  # 'config.data.frames/height/width'
   label = prefix + '.' + '/'.join(n[len(prefix) + 1:] for n in names) if prefix else '/'.join(names)
@@ -105,7 +106,7 @@ def check_size(config, autoencoder, frames: int, height: int, width: int,
       via = '' if latent == n else f' (latent {name.rsplit(".", 1)[-1].lstrip("-")} {latent})'
       raise UsageError(f'config.model.patch={patch} does not divide {name}={n}{via}')
   tokens = math.prod(n // p for n, p in zip(latent_thw, patch))
-  limit = config.sample.get('max_tokens')
+  limit = config.sample.get('max_tokens') if sampling else None
   if limit and tokens > limit:
     raise UsageError(f'{frames}x{height}x{width} is {tokens} spacetime patches, more than config.sample.max_tokens='
                      f'{limit} ({label})')
@@ -151,8 +152,8 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   """uint8 videos [len(prompts), T, H, W, 3]; unset options come from `config.sample`.
 
   `size` (frames, height, width): any size the autoencoder and patch divide, up to
-  `config.sample.max_tokens` (default: the training clip's). With `config.objective.shift_base_tokens`
-  set, the time shift grows with the size as in training (`rf.size_shift`).
+  `config.sample.max_tokens`. With `config.objective.shift_base_tokens` set, the time shift (the
+  config's or `time_shift`) is multiplied by sqrt(tokens / shift_base_tokens), as in training (`rf.size_shift`).
 
   `prompts` are captions, or class indices for a class-conditional model. `negative_prompt`
   replaces the empty caption in the unconditional branch of guidance (see `conditioning`).
@@ -178,7 +179,7 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
     raise UsageError(f'stochasticity={stochasticity}: use a value in [0, 1]')
   b = len(prompts)
   size = tuple(size or (cfg.data.frames, cfg.data.height, cfg.data.width))
-  shape = check_size(cfg, model.autoencoder, *size, names=('frames', 'height', 'width'))
+  shape = check_size(cfg, model.autoencoder, *size, names=('frames', 'height', 'width'), sampling=True)
   tokens = math.prod(n // p for n, p in zip(shape, cfg.model.patch))
   time_shift = float(rf.size_shift(time_shift, tokens, cfg.objective.get('shift_base_tokens')))
   frames = (*size, 3)
@@ -246,13 +247,20 @@ def abstract_model(config):
   return graphdef, abstract_params, ae
 
 
-def load(workdir: str, step: int | None = None) -> Model:
-  """Restores the EMA parameters of `workdir`, sharded (FSDP) over the local devices."""
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training workdir was trained with (its config.json)."""
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
     raise UsageError(f'{config_path} not found: is --workdir a training workdir?')
   with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load(workdir: str, step: int | None = None) -> Model:
+  """Restores the EMA parameters of `workdir`, sharded (FSDP) over the local devices."""
+  config = read_config(workdir)
+  if config.model.get('attention_impl') == 'cudnn' and jax.default_backend() != 'gpu':
+    config.model.attention_impl = 'xla'  # the same attention, without a GPU
   mngr = checkpoint.manager(workdir, read_only=True)
   step = mngr.latest_step() if step is None else step
   if step is None or step not in mngr.all_steps():
@@ -302,8 +310,7 @@ def define_flags():
   flags.DEFINE_float('strength', None, 'SDEdit noise level in (0, 1] (default 0.7): higher changes more.')
   flags.DEFINE_bool('loop', False, 'Make the last frame lead back into the first.')
   flags.DEFINE_integer('frames', None, 'Output frames (default: the training length); longer outputs are '
-                       'made window by window, each given the last half of the previous one. A model trained '
-                       'at native sizes (config.data.max_frames) makes up to that many in one pass; 1: an image.')
+                       'made window by window, each given the last half of the previous one; 1: an image.')
   flags.DEFINE_integer('height', None, 'Output height in pixels (default: the config\'s); the patch must divide it.')
   flags.DEFINE_integer('width', None, 'Output width in pixels (default: the config\'s); the patch must divide it.')
   flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config; 1: none '
@@ -388,14 +395,16 @@ def main(argv):
     check_prompting_flags()
     keyframe_specs = parse_keyframes(FLAGS.keyframe)
     paths = output_paths(FLAGS.out, len(FLAGS.prompt))
-    model = load(FLAGS.workdir, FLAGS.checkpoint_step)
-    cfg = model.config
-    frames, height, width = FLAGS.frames or cfg.data.frames, FLAGS.height or cfg.data.height, FLAGS.width or cfg.data.width
+    cfg = read_config(FLAGS.workdir)  # sizes are checked before anything is loaded
+    frames = FLAGS.frames or cfg.data.frames
     if paths[0].lower().endswith('.png') and frames != 1:
-      raise UsageError(f'--out={FLAGS.out}: a .png holds one frame; pass --frames=1 or write .mp4/.gif')
-    if FLAGS.height or FLAGS.width:  # checked before sampling; one window of the output
-      window = min(frames, cfg.data.get('max_frames') or cfg.data.frames) if cfg.data.get('max_frames') else cfg.data.frames
-      check_size(cfg, model.autoencoder, window, height, width, names=('--frames', '--height', '--width'))
+      raise UsageError(f'--out={FLAGS.out}: a .png holds one frame' +
+                       (': write .mp4 or .gif' if FLAGS.edit else '; pass --frames=1 or write .mp4/.gif'))
+    if FLAGS.height or FLAGS.width:  # each window of the output has the training length
+      check_size(cfg, autoencoder_lib.make(cfg.autoencoder, load_weights=False), cfg.data.frames,
+                 FLAGS.height or cfg.data.height, FLAGS.width or cfg.data.width,
+                 names=('--frames', '--height', '--width'), sampling=True)
+    model = load(FLAGS.workdir, FLAGS.checkpoint_step)
     kw = dict(seed=FLAGS.seed, num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale,
               stochasticity=FLAGS.stochasticity, negative_prompt=FLAGS.negative_prompt,
               frame_guidance_scale=FLAGS.frame_guidance_scale)

@@ -113,8 +113,10 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
     head_width = m.width // m.num_heads
     needs = [f'an NVIDIA GPU (this run has {jax.default_backend()} devices)'] if jax.default_backend() != 'gpu' else []
     needs += [f'config.model.dtype="bfloat16" (not {m.dtype!r})'] if m.dtype != 'bfloat16' else []
-    needs += ([f'a head width (width / num_heads = {head_width}) that is a multiple of 8, at most 256']
-              if head_width % 8 or head_width > 256 else [])
+    capability = getattr(jax.devices()[0], 'compute_capability', '9.0')  # Hopper+: heads up to 256 wide
+    widest = 256 if float(capability) >= 9.0 else 128
+    needs += ([f'a head width (width / num_heads = {head_width}) that is a multiple of 8, at most {widest}']
+              if head_width % 8 or head_width > widest else [])
     if needs:
       raise UsageError('config.model.attention_impl="cudnn" (flash attention) needs ' + ' and '.join(needs))
   if m.get('sequence_parallel', 'all_to_all') not in layers.SEQUENCE_PARALLEL:

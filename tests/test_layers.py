@@ -120,6 +120,11 @@ def test_packed_segments_attend_only_to_themselves_exactly_as_each_alone(block):
       np.testing.assert_allclose(g[r, a:e], g_ref[r, a:e], atol=1e-5)
   assert np.isfinite(np.asarray(out)).all()
   np.testing.assert_array_equal(np.asarray(grads[1])[0, 8:], 0)  # padding keys get no gradient
+  # What the backward pass keeps: never all the scores [b, heads, s, l] (blocks recompute theirs).
+  _, backward = jax.vjp(lambda q, k, v: layers.segment_attention(q, k, v, segments, segments, block=block), q, k, v)
+  largest = max(x.size for x in jax.tree.leaves(backward) if hasattr(x, 'size'))
+  if block < 10:
+    assert largest < 2 * 2 * 10 * 10
 
 
 @pytest.mark.parametrize('sequence_parallel', ['all_to_all', 'gather_kv'])

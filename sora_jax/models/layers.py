@@ -118,7 +118,9 @@ def attend(q_bsnk, k_blnk, v_blnk, mask_bl=None, implementation=None):
 
   cuDNN takes no [b, 1, 1, l] mask (its bias must span the queries), so there the mask becomes
   per-sample key lengths: exact for the masks used here, real tokens first, then padding
-  (tokenizers and packed clips pad at the end; `tests/test_layers.py` checks lengths == mask).
+  (tokenizers pad at the end, and every caption has at least one token, BOS or EOS; with no real key
+  XLA would average all values and cuDNN return zeros). Packed rows use `segment_attention`.
+  `tests/test_layers.py` checks lengths == mask.
   """
   if mask_bl is None:
     return jax.nn.dot_product_attention(q_bsnk, k_blnk, v_blnk, implementation=implementation)
@@ -150,7 +152,8 @@ def segment_attention(q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl, *, bl
     return one((q_bsnk, q_segment_bs))
   q = jnp.pad(q_bsnk, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, blocks, block, n, k).swapaxes(0, 1)
   seg = jnp.pad(q_segment_bs, ((0, 0), (0, pad))).reshape(b, blocks, block).swapaxes(0, 1)
-  out = jax.lax.map(one, (q, seg))  # [blocks, b, block, n, k]
+  # Checkpointed: the backward pass recomputes each block's scores instead of keeping all of them.
+  out = jax.lax.map(jax.checkpoint(one), (q, seg))  # [blocks, b, block, n, k]
   return out.swapaxes(0, 1).reshape(b, s + pad, n, k)[:, :s]
 
 
