@@ -83,7 +83,7 @@ def test_two_processes_reproduce_one_evaluate_and_the_run_resumes_and_samples_on
   # Written by 2 processes on 8 devices (data 8), resumed by 1 process on 2 devices (fsdp 2): steps 5
   # and 6 as if uninterrupted (the SIGTERM test below resumes on 2 processes).
   roll_back_to(two, 4)
-  out = run_one_process(flags(data_dir, two, **EVALUATE, **{'mesh.data': 1, 'mesh.fsdp': 2}), devices=2).stderr
+  out = run_one_process(flags(data_dir, two, **{'mesh.data': 1, 'mesh.fsdp': 2}), devices=2).stderr
   assert 'at step 4' in out
   np.testing.assert_allclose(losses(two), reference, rtol=1e-4)
   video = str(tmp_path / 'red.gif')

@@ -92,6 +92,51 @@ def loss(apply_fn: Callable, x0, noise, t_b, *, prediction_type: str, min_t: flo
   return jnp.mean(per_sample), per_sample
 
 
+def packed_loss(apply_fn: Callable, x0_bsp, noise_bsp, t_bn, segment_bs, *, prediction_type: str,
+                min_t: float = 0.05, weighting: str = 'sample', given_bsk=None):
+  """`loss` for packed rows (`sora_jax.data.packing`): tokens [b, s, p] of up to n samples per row.
+
+  Each token is noised to its own sample's time (t_bn [b, n]; segment_bs [b, s] 1..n, 0 padding);
+  apply_fn(x_t [b, s, p], t_bn) -> output [b, s, p]. Padding costs nothing. `weighting`:
+  'sample': every sample counts the same (the mean of per-sample means, as `loss` over a batch);
+  'token': every generated value counts the same (large samples weigh more).
+  given_bsk bool [b, s, patch_t]: the frames inside each token given clean (frame conditioning),
+  left out of the loss; values are laid out (patch_t, ...) as `patchify` makes them.
+  Returns (mean loss, per-slot loss [b, n]; 0 for empty slots).
+  """
+  b, s, p = x0_bsp.shape
+  n = t_bn.shape[1]
+  slot_bsn = segment_bs[..., None] == jnp.arange(1, n + 1)  # one-hot sample of each token
+  t_bs = jnp.sum(jnp.where(slot_bsn, t_bn[:, None, :], 0.0), axis=-1)
+  x_t = (1 - t_bs[..., None]) * x0_bsp + t_bs[..., None] * noise_bsp
+  generated_bsp = jnp.broadcast_to((segment_bs > 0)[..., None], (b, s, p))
+  if given_bsk is not None:
+    k = given_bsk.shape[-1]
+    given_bsp = jnp.repeat(given_bsk, p // k, axis=-1)  # each frame's values are contiguous
+    x_t = jnp.where(given_bsp, x0_bsp, x_t)
+    generated_bsp = generated_bsp & ~given_bsp
+  out = apply_fn(x_t, t_bn)
+  if prediction_type == 'velocity':
+    err = (out - (noise_bsp - x0_bsp)) ** 2
+  elif prediction_type == 'x0':
+    err = (out - x0_bsp) ** 2 / jnp.maximum(t_bs, min_t)[..., None] ** 2
+  else:
+    raise ValueError(f'unknown prediction type {prediction_type!r}; expected velocity or x0')
+  w = generated_bsp.astype(err.dtype)
+  err_bs, count_bs = jnp.sum(err * w, axis=-1), jnp.sum(w, axis=-1)
+  sums_bn = jnp.einsum('bs,bsn->bn', err_bs, slot_bsn.astype(err.dtype))
+  counts_bn = jnp.einsum('bs,bsn->bn', count_bs, slot_bsn.astype(err.dtype))
+  per_slot = sums_bn / jnp.maximum(counts_bn, 1.0)
+  if weighting == 'sample':
+    present = (counts_bn > 0).astype(err.dtype)
+    mean = jnp.sum(per_slot * present) / jnp.maximum(jnp.sum(present), 1.0)
+  elif weighting == 'token':
+    mean = jnp.sum(sums_bn) / jnp.maximum(jnp.sum(counts_bn), 1.0)
+  else:
+    raise ValueError(f'weighting={weighting!r}: use "sample" or "token"')
+  return mean, per_slot
+
+
 def sample(velocity_fn: Callable, noise, *, num_steps: int, shift: float = 1.0, t_start: float = 1.0,
            stochasticity: float = 0.0, rng_b=None):
   """Integrates dx/dt = v from t_start to 0 as one `lax.scan`; velocity_fn(x_t, t_b) -> v.

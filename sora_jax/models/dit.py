@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sora_jax.models import layers
@@ -27,7 +28,8 @@ from sora_jax.text.byte import ByteTextEncoder
 
 
 def patchify(x_bthwc, patch: tuple[int, int, int]):
-  """[b, T, H, W, c] -> [b, s, p] with tokens in (t, h, w) raster order and p = pt*ph*pw*c."""
+  """[b, T, H, W, c] -> [b, s, p] with tokens in (t, h, w) raster order and p = pt*ph*pw*c.
+  (numpy or jax arrays: the input pipeline packs with it too)"""
   b, T, H, W, c = x_bthwc.shape
   pt, ph, pw = patch
   if T % pt or H % ph or W % pw:
@@ -48,10 +50,10 @@ def unpatchify(x_bsp, patch: tuple[int, int, int], grid: tuple[int, int, int], c
 
 
 def grid_positions(grid: tuple[int, int, int]):
-  """[s, 3] int32 (t, h, w) coordinates of the tokens of a grid, in patchify order."""
+  """[s, 3] int32 (t, h, w) coordinates of the tokens of a grid, in patchify order (numpy: a constant)."""
   t, h, w = grid
-  tt, hh, ww = jnp.meshgrid(jnp.arange(t), jnp.arange(h), jnp.arange(w), indexing='ij')
-  return jnp.stack([tt, hh, ww], axis=-1).reshape(-1, 3).astype(jnp.int32)
+  tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing='ij')
+  return np.stack([tt, hh, ww], axis=-1).reshape(-1, 3).astype(np.int32)
 
 
 def sincos_position_embedding(pos_bsa, dim: int, max_period: float = 10000.0):
@@ -106,16 +108,31 @@ class DiTBlock(nnx.Module):
     self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
     self.modulation = layers.Dense(dim, 6 * dim, ('embed', 'mlp'), rngs=rngs, zero=True, dtype=dtype)
 
-  def __call__(self, x_bsd, c_bd, pos_bs3, text_bld=None, text_mask_bl=None):
-    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(jax.nn.silu(c_bd)), 6, -1)
+  def __call__(self, x_bsd, c_bd, pos_bs3, text_bld=None, text_mask_bl=None, segment_bs=None,
+               text_segment_bl=None):
+    """Packed rows (see `DiT.forward_packed`): c [b, n, d] per segment, segment_bs [b, s] (1..n, 0
+    padding), text_segment_bl [b, l] the segment of each text token (0 padding)."""
+    mod = per_token(self.modulation(jax.nn.silu(c_bd)), segment_bs)  # [b, 6d] or [b, s, 6d]
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, -1)
+    gate1, gate2 = (g[:, None] if g.ndim == 2 else g for g in (gate1, gate2))
     h = self.self_attn(layers.modulate(layers.layer_norm(x_bsd), shift1, scale1),
-                       pos_bsa=pos_bs3 if self.rope else None)
-    x_bsd = x_bsd + gate1[:, None] * h
+                       pos_bsa=pos_bs3 if self.rope else None, segment_bs=segment_bs)
+    x_bsd = x_bsd + gate1 * h
     if self.cross_attention:
-      x_bsd = x_bsd + self.cross_attn(self.cross_norm(x_bsd), context_bld=text_bld, mask_bl=text_mask_bl)
+      x_bsd = x_bsd + self.cross_attn(self.cross_norm(x_bsd), context_bld=text_bld, mask_bl=text_mask_bl,
+                                      segment_bs=segment_bs, context_segment_bl=text_segment_bl)
     h = self.mlp(layers.modulate(layers.layer_norm(x_bsd), shift2, scale2))
-    x_bsd = x_bsd + gate2[:, None] * h
+    x_bsd = x_bsd + gate2 * h
     return constrain(x_bsd, ('act_batch', 'act_seq', 'act_embed'))
+
+
+def per_token(values_bnx, segment_bs):
+  """Per-segment values [b, n, x] -> each token's [b, s, x] (segment ids 1..n; padding takes segment
+  1's, unused). Without segments (segment_bs None), values [b, x] are one per sample: unchanged."""
+  if segment_bs is None:
+    return values_bnx
+  index = jnp.maximum(segment_bs - 1, 0)[..., None]
+  return jnp.take_along_axis(values_bnx, index, axis=1)
 
 
 class FinalLayer(nnx.Module):
@@ -123,8 +140,8 @@ class FinalLayer(nnx.Module):
     self.modulation = layers.Dense(dim, 2 * dim, ('embed', 'mlp'), rngs=rngs, zero=True, dtype=dtype)
     self.proj = layers.Dense(dim, patch_values, ('embed', 'patch'), rngs=rngs, zero=True, dtype=dtype)
 
-  def __call__(self, x_bsd, c_bd):
-    shift, scale = jnp.split(self.modulation(jax.nn.silu(c_bd)), 2, -1)
+  def __call__(self, x_bsd, c_bd, segment_bs=None):
+    shift, scale = jnp.split(per_token(self.modulation(jax.nn.silu(c_bd)), segment_bs), 2, -1)
     return self.proj(layers.modulate(layers.layer_norm(x_bsd), shift, scale))
 
 
@@ -275,6 +292,57 @@ class DiT(nnx.Module):
     if self.learn_sigma:  # values (pt, ph, pw, 2c) as in DiT; the second c (its variance) is unused
       return unpatchify(out_bsp, self.patch, grid, 2 * c)[..., :c].astype(jnp.float32)
     return unpatchify(out_bsp, self.patch, grid, c).astype(jnp.float32)
+
+
+  def forward_packed(self, x_bsp, t_bn, segment_bs, pos_bs3, tokens_bnl=None, token_mask_bnl=None, *,
+                     labels_bn=None, text_bnld=None, text_mask_bnl=None, frame_mask_bsk=None):
+    """Packed rows: the patch tokens of up to n samples (clips or images of any size) in each row.
+
+    x_bsp [b, s, p] patch values (`patchify` of each sample, concatenated, then padding);
+    segment_bs int [b, s]: 1..n, the sample of each token, 0 for padding; pos_bs3 [b, s, 3] each
+    token's (t, h, w) inside its own sample; per sample (n slots per row, unused ones ignored):
+    t_bn, and its caption (tokens_bnl/token_mask_bnl, or text_bnld/text_mask_bnl) or labels_bn;
+    frame_mask_bsk bool [b, s, patch_t] the given frames inside each token (frame conditioning).
+    Self-attention stays inside a sample, cross-attention goes to its own caption, and the
+    timestep and caption modulate its tokens only: each sample's output equals `__call__` on it
+    alone. -> prediction [b, s, p] (padding tokens: garbage, for the loss to skip).
+    """
+    b, s, _ = x_bsp.shape
+    n = t_bn.shape[1]
+    x_bsd = self.patch_embed(x_bsp)
+    if frame_mask_bsk is not None:
+      x_bsd = x_bsd + frame_mask_bsk.astype(x_bsd.dtype) @ self.given_frame_embed[...].astype(x_bsd.dtype)
+    if self.absolute_positions:
+      x_bsd = x_bsd + sincos_position_embedding(pos_bs3, x_bsd.shape[-1]).astype(x_bsd.dtype)
+    x_bsd = constrain(x_bsd, ('act_batch', 'act_seq', 'act_embed'))
+    c_bnd = self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t_bn.reshape(-1), 256))))
+    c_bnd = c_bnd.reshape(b, n, -1)
+    text_bld = text_segment_bl = None
+    if self.conditioning == 'class':
+      c_bnd = c_bnd + jnp.take(self.label_embedding[...], labels_bn, axis=0).astype(c_bnd.dtype)
+    else:  # each slot's caption on its own; the row's cross-attention context is all of them
+      if self.external_text:
+        text_xld, mask_xl = self.text_proj(text_bnld.reshape(b * n, *text_bnld.shape[2:])), text_mask_bnl
+      else:
+        text_xld, mask_xl = self.encode_text(tokens_bnl.reshape(b * n, -1), token_mask_bnl.reshape(b * n, -1))
+      mask_xl = mask_xl.reshape(b * n, -1)
+      if self.pooled_text:
+        query_x1d = jnp.broadcast_to(self.pool_query[None], (b * n, 1, self.pool_query.shape[-1]))
+        pooled_x1d = self.pool_attn(query_x1d, context_bld=text_xld, mask_bl=mask_xl)
+        c_bnd = c_bnd + self.pool_mlp(pooled_x1d)[:, 0].reshape(b, n, -1)
+      l = mask_xl.shape[1]
+      text_bld = text_xld.reshape(b, n * l, -1)
+      slot_bnl = jnp.broadcast_to(jnp.arange(1, n + 1)[None, :, None], (b, n, l))
+      text_segment_bl = jnp.where(mask_xl.reshape(b, n, l), slot_bnl, 0).reshape(b, n * l)
+    apply = lambda block, *args: block(*args)
+    if self.remat != 'none':
+      apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
+    for block in self.blocks:
+      x_bsd = apply(block, x_bsd, c_bnd, pos_bs3, text_bld, None, segment_bs, text_segment_bl)
+    out_bsp = self.final(x_bsd, c_bnd, segment_bs)
+    if self.learn_sigma:
+      out_bsp = out_bsp.reshape(b, s, -1, 2 * self.channels)[..., :self.channels].reshape(b, s, -1)
+    return out_bsp.astype(jnp.float32)
 
 
 def is_class_conditional(model_config) -> bool:

@@ -54,8 +54,11 @@ def layer_norm(x, eps: float = 1e-6):
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def modulate(x_bsd, shift_bd, scale_bd):
-  return x_bsd * (1 + scale_bd[:, None]) + shift_bd[:, None]
+def modulate(x_bsd, shift, scale):
+  """adaLN: shift and scale [b, d] (one per sample) or [b, s, d] (per token, packed rows)."""
+  if shift.ndim == 2:
+    shift, scale = shift[:, None], scale[:, None]
+  return x_bsd * (1 + scale) + shift
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,8 +249,14 @@ class Attention(nnx.Module):
     self.sow_weights = False  # True: also store the attention probabilities [b, heads, s, l] as an
     # nnx.Intermediate 'attention_weights' (analysis only: it materialises them; see eval/analysis.py)
 
-  def __call__(self, x_bsd, *, context_bld=None, mask_bl=None, pos_bsa=None):
-    """mask_bl: [b, l] True where a key is real; pos_bsa: positions for RoPE (self-attention)."""
+  def __call__(self, x_bsd, *, context_bld=None, mask_bl=None, pos_bsa=None, segment_bs=None,
+               context_segment_bl=None):
+    """mask_bl: [b, l] True where a key is real; pos_bsa: positions for RoPE (self-attention).
+
+    Packed rows: segment_bs [b, s] the queries' segment ids (0: padding); a query sees the keys of
+    its own segment only: the tokens' own (self-attention), or `context_segment_bl` [b, l] of the
+    context's tokens (cross-attention; 0 for padding tokens, then no `mask_bl`).
+    """
     dt = self.dtype
     kv_in = x_bsd if context_bld is None else context_bld
     q = jnp.einsum('bsd,dnk->bsnk', x_bsd.astype(dt), self.wq.astype(dt))
@@ -267,7 +276,9 @@ class Attention(nnx.Module):
       self.sow(nnx.Intermediate, 'attention_weights', jax.nn.softmax(logits, axis=-1))
     if context_bld is None and self.query_axis == 'act_seq':
       out = self_attention(q, k, v, mask_bl, implementation=self.implementation,
-                           sequence_parallel=self.sequence_parallel)
+                           sequence_parallel=self.sequence_parallel, segment_bs=segment_bs)
+    elif segment_bs is not None:
+      out = segment_attention(q, k, v, segment_bs, context_segment_bl)
     else:
       out = attend(q, k, v, mask_bl, self.implementation)
     return jnp.einsum('bsnk,nkd->bsd', out, self.wo.astype(dt)) + self.bo.astype(dt)

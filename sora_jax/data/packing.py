@@ -1,0 +1,67 @@
+"""Sequence packing: the spacetime patch tokens of several samples of any size in one fixed-length row.
+
+A row holds samples one after another, each as its `patchify` tokens in (t, h, w) raster order,
+then padding. Every token carries its sample's segment id (1, 2, ...; 0 is padding) and its (t, h, w)
+position inside its own sample, so the DiT (`DiT.forward_packed`) attends within samples, conditions
+each on its own timestep and caption, and places tokens by their own positions. Shapes are static
+(row length, samples per row), so one compiled step serves every mix of sizes.
+
+Pure numpy: it runs in the input pipeline, on the host.
+"""
+
+import math
+
+import numpy as np
+
+from sora_jax.models.dit import grid_positions, patchify  # numpy in, numpy out
+
+
+def tokens_of(shape_thw: tuple[int, int, int], patch: tuple[int, int, int]) -> int:
+  """The number of patch tokens of a latent clip [T, H, W] (the patch must divide it)."""
+  return math.prod(n // p for n, p in zip(shape_thw, patch))
+
+
+def pack(latents: list, patch: tuple[int, int, int], length: int) -> dict:
+  """One row: `latents` (each [T, H, W, c], any T, H, W the patch divides) packed in order.
+
+  -> x_sp [length, p] float32 (padding 0), segment_s int32 [length] (1..n, 0 padding),
+     pos_s3 int32 [length, 3] (padding 0), grids [(t, h, w)] per sample (to unpack outputs).
+  Raises ValueError if the samples need more than `length` tokens.
+  """
+  grids = []
+  for x in latents:
+    if any(n % p for n, p in zip(x.shape[:3], patch)):
+      raise ValueError(f'patch {tuple(patch)} does not divide a sample of shape {x.shape[:3]}')
+    grids.append(tuple(n // p for n, p in zip(x.shape[:3], patch)))
+  used = sum(math.prod(g) for g in grids)
+  if used > length:
+    raise ValueError(f'{len(latents)} samples need {used} tokens, more than the row length {length}')
+  values = math.prod(patch) * latents[0].shape[-1]
+  x_sp = np.zeros((length, values), np.float32)
+  segment_s = np.zeros((length,), np.int32)
+  pos_s3 = np.zeros((length, 3), np.int32)
+  start = 0
+  for i, (x, grid) in enumerate(zip(latents, grids)):
+    end = start + math.prod(grid)
+    x_sp[start:end] = patchify(np.asarray(x, np.float32)[None], patch)[0]
+    segment_s[start:end] = i + 1
+    pos_s3[start:end] = grid_positions(grid)
+    start = end
+  return dict(x_sp=x_sp, segment_s=segment_s, pos_s3=pos_s3, grids=grids)
+
+
+def unpack(y_sp: np.ndarray, grids: list, patch: tuple[int, int, int], channels: int) -> list:
+  """The samples [T, H, W, c] of one packed row's tokens [length, p] (inverse of `pack`)."""
+  out, start = [], 0
+  pt, ph, pw = patch
+  for t, h, w in grids:
+    end = start + t * h * w
+    x = np.asarray(y_sp[start:end]).reshape(t, h, w, pt, ph, pw, channels).transpose(0, 3, 1, 4, 2, 5, 6)
+    out.append(x.reshape(t * pt, h * ph, w * pw, channels))
+    start = end
+  return out
+
+
+def efficiency(segment_bs: np.ndarray) -> float:
+  """The share of tokens that are not padding."""
+  return float(np.mean(np.asarray(segment_bs) > 0))

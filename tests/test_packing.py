@@ -1,0 +1,124 @@
+"""Sequence packing: samples of any size in one row behave exactly as each alone."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sora_jax.data import packing
+from sora_jax.models import dit
+from sora_jax.text import byte
+
+PATCH = (2, 4, 4)
+
+
+def random_dit(**kw):
+  """A tiny DiT with every parameter random (adaLN-Zero's zeros would hide conditioning bugs)."""
+  model = dit.DiT(channels=3, patch=PATCH, width=32, depth=2, num_heads=4, text_width=16, text_depth=1,
+                  text_heads=2, frame_conditioning=True, rngs=nnx.Rngs(0), **kw)
+  graphdef, params = nnx.split(model, nnx.Param)
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  return graphdef, jax.tree.unflatten(tree, leaves)
+
+
+def test_pack_and_unpack_round_trip_and_mark_segments_and_positions():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(4, 8, 12, 3)), rng.normal(size=(2, 4, 8, 3))  # 2x2x3 = 12 and 1x1x2 = 2 tokens
+  row = packing.pack([a, b], PATCH, length=16)
+  np.testing.assert_array_equal(row['segment_s'], [1] * 12 + [2] * 2 + [0] * 2)
+  np.testing.assert_array_equal(row['pos_s3'][12:14], [[0, 0, 0], [0, 0, 1]])
+  np.testing.assert_array_equal(row['pos_s3'][:12], dit.grid_positions((2, 2, 3)))
+  back = packing.unpack(row['x_sp'], row['grids'], PATCH, 3)
+  np.testing.assert_allclose(back[0], a, rtol=1e-6)
+  np.testing.assert_allclose(back[1], b, rtol=1e-6)
+  assert packing.efficiency(row['segment_s'][None]) == 14 / 16
+  with pytest.raises(ValueError, match='need 14 tokens, more than the row length 8'):
+    packing.pack([a, b], PATCH, length=8)
+  with pytest.raises(ValueError, match='does not divide'):
+    packing.pack([rng.normal(size=(3, 8, 8, 3))], PATCH, length=16)
+
+
+def test_a_packed_row_gives_each_sample_the_output_and_gradients_it_gets_alone():
+  graphdef, params = random_dit()
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(4, 8, 12, 3)), rng.normal(size=(2, 4, 8, 3))  # a wide clip and a short small one
+  captions = ['a red circle moving right', 'a blue square', '']  # the third slot is unused
+  tokens, mask = byte.tokenize(captions, 16)
+  t = np.array([0.3, 0.8, 0.5], np.float32)
+  frame_mask_a = np.array([True, False, False, False])  # a's first frame given (frame conditioning)
+  row = packing.pack([a, b], PATCH, length=16)
+  given_sk = np.zeros((16, PATCH[0]), bool)
+  given_sk[:12] = np.repeat(frame_mask_a.reshape(2, PATCH[0]), 2 * 3, axis=0)  # t-major tokens
+  w_sp = jnp.asarray(rng.normal(size=(16, 4 * 4 * 2 * 3)), jnp.float32)  # a random read-out
+
+  def packed_loss(params):
+    out = nnx.merge(graphdef, params).forward_packed(
+        row['x_sp'][None], t[None], row['segment_s'][None], row['pos_s3'][None], tokens[None], mask[None],
+        frame_mask_bsk=given_sk[None])[0]
+    return jnp.sum(jnp.where(row['segment_s'][:, None] > 0, out * w_sp, 0) ** 2), out
+
+  def alone(params, x, i, frame_mask=None):
+    out = nnx.merge(graphdef, params)(jnp.asarray(x, jnp.float32)[None], t[i:i + 1], tokens[i:i + 1],
+                                      mask[i:i + 1], frame_mask_bt=frame_mask)
+    return dit.patchify(out, PATCH)[0]
+
+  def alone_loss(params):
+    out_a, out_b = alone(params, a, 0, frame_mask_a[None]), alone(params, b, 1)
+    return jnp.sum((out_a * w_sp[:12]) ** 2) + jnp.sum((out_b * w_sp[12:14]) ** 2), (out_a, out_b)
+
+  (loss, out), grads = jax.jit(jax.value_and_grad(packed_loss, has_aux=True))(params)
+  (loss_ref, (out_a, out_b)), grads_ref = jax.jit(jax.value_and_grad(alone_loss, has_aux=True))(params)
+  scale = float(jnp.abs(out_a).max())  # outputs of tens: float32 round-off ~1e-6 relative
+  np.testing.assert_allclose(out[:12], out_a, atol=1e-5 * scale, rtol=1e-5)
+  np.testing.assert_allclose(out[12:14], out_b, atol=1e-5 * scale, rtol=1e-5)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  flat, flat_ref = jax.tree.leaves(grads), jax.tree.leaves(grads_ref)
+  assert len(flat) == len(flat_ref)
+  for g, g_ref in zip(flat, flat_ref):
+    np.testing.assert_allclose(g, g_ref, atol=1e-4 * float(jnp.abs(g_ref).max() + 1e-6), rtol=1e-4)
+
+
+@pytest.mark.parametrize('weighting', ['sample', 'token'])
+def test_the_packed_loss_is_the_per_sample_loss_and_padding_costs_nothing(weighting):
+  from sora_jax.diffusion import rectified_flow as rf
+  graphdef, params = random_dit()
+  rng = np.random.default_rng(3)
+  a, b = rng.normal(size=(4, 8, 12, 3)), rng.normal(size=(2, 4, 8, 3))
+  na, nb = rng.normal(size=a.shape), rng.normal(size=b.shape)
+  tokens, mask = byte.tokenize(['a red circle moving right', 'a blue square', ''], 16)
+  t = np.array([0.3, 0.8, 0.5], np.float32)
+  given_a = np.array([True, False, False, False])
+  row, noise = packing.pack([a, b], PATCH, 16), packing.pack([na, nb], PATCH, 16)
+  given_sk = np.zeros((16, PATCH[0]), bool)
+  given_sk[:12] = np.repeat(given_a.reshape(2, PATCH[0]), 6, axis=0)
+  kw = dict(prediction_type='x0', min_t=0.3)
+
+  def packed(params):
+    net = nnx.merge(graphdef, params)
+    apply = lambda x_t, t_bn: net.forward_packed(x_t, t_bn, row['segment_s'][None], row['pos_s3'][None],
+                                                 tokens[None], mask[None], frame_mask_bsk=given_sk[None])
+    return rf.packed_loss(apply, row['x_sp'][None], noise['x_sp'][None], t[None], row['segment_s'][None],
+                          weighting=weighting, given_bsk=given_sk[None], **kw)
+
+  def alone(params):
+    net = nnx.merge(graphdef, params)
+    losses = []
+    for i, (x, e, given) in enumerate(((a, na, given_a[None]), (b, nb, None))):
+      apply = lambda x_t, t_b: net(x_t, t_b, tokens[i:i + 1], mask[i:i + 1], frame_mask_bt=given)
+      losses.append(rf.loss(apply, jnp.asarray(x[None], jnp.float32), jnp.asarray(e[None], jnp.float32),
+                            jnp.asarray(t[i:i + 1]), given_bt=given, **kw)[0])
+    if weighting == 'sample':
+      return (losses[0] + losses[1]) / 2, jnp.stack(losses)
+    generated = (3 * 8 * 12 * 3, 2 * 4 * 8 * 3)  # values outside given frames
+    return (losses[0] * generated[0] + losses[1] * generated[1]) / sum(generated), jnp.stack(losses)
+
+  (loss, per_slot), grads = jax.jit(jax.value_and_grad(packed, has_aux=True))(params)
+  (loss_ref, per_sample), grads_ref = jax.jit(jax.value_and_grad(alone, has_aux=True))(params)
+  np.testing.assert_allclose(per_slot[0, :2], per_sample, rtol=1e-5)
+  assert per_slot[0, 2] == 0  # the empty slot
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(g, g_ref, atol=1e-4 * float(jnp.abs(g_ref).max() + 1e-6), rtol=1e-4)
