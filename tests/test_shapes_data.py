@@ -124,3 +124,25 @@ def test_a_dataset_with_no_usable_record_is_a_clear_error_not_a_hang():
     next(it)
   with pytest.raises(UsageError, match='has no records'):
     pipeline.make_iterator([], global_batch_size=4, seed=0, max_text_len=40)
+
+
+def test_a_native_size_dataset_draws_each_clip_size_from_its_list_and_images_name_no_motion(tmp_path):
+  import tensorflow_datasets as tfds
+  sizes = '1x32x32,8x32x56,8x56x32'
+  builder = shapes.build(str(tmp_path), sizes=sizes, num_train=24, num_validation=4)
+  assert builder.builder_config.name.startswith('native_1x32x32-8x32x56-8x56x32_')
+  records = tfds.data_source(builder.name + '/' + builder.builder_config.name, data_dir=str(tmp_path))['train']
+  seen = set()
+  for i in range(len(records)):
+    r = records[i]
+    size = r['video'].shape[:3]
+    seen.add(size)
+    parsed = shapes.parse_caption(r['caption'].decode() if isinstance(r['caption'], bytes) else r['caption'])
+    assert parsed is not None and (parsed[2] is None) == (size[0] == 1)  # images: 'a red circle'
+    assert adherence.judge_color(r['video']) == parsed[0]
+  assert seen == {(1, 32, 32), (8, 32, 56), (8, 56, 32)}
+  assert shapes.make_config().name == 'f8_h32_w32_o12_n8192_v512_s0'  # fixed-size names unchanged
+  with pytest.raises(Exception, match='give FRAMESxHEIGHTxWIDTH items'):
+    shapes.make_config(sizes='8x32')
+  with pytest.raises(Exception, match='does not fit in a 8x32 frame'):
+    shapes.make_config(sizes='8x8x32', object_size=12)

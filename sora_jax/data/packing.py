@@ -62,6 +62,33 @@ def unpack(y_sp: np.ndarray, grids: list, patch: tuple[int, int, int], channels:
   return out
 
 
+def plan_rows(token_counts, length: int, max_segments: int, open_rows: int = 16) -> list[list[int]]:
+  """Which samples go in which row: [[sample index, ...], ...], every sample once, in a fixed order.
+
+  First fit over a window of `open_rows` rows: each sample (in the given order, e.g. an epoch's
+  shuffled order) goes to the first open row with room for its tokens and a free slot (of
+  `max_segments`), else opens a row; when more than `open_rows` are open, the fullest is closed.
+  Deterministic, so a step's rows are a function of the order alone. Raises ValueError for a
+  sample longer than a row.
+  """
+  rows, open_ = [], []  # open_: [[used tokens, [indices]], ...]
+  for i, n in enumerate(token_counts):
+    if n > length:
+      raise ValueError(f'sample {i} has {n} tokens, more than the row length {length}')
+    for row in open_:
+      if row[0] + n <= length and len(row[1]) < max_segments:
+        row[0] += n
+        row[1].append(i)
+        break
+    else:
+      open_.append([n, [i]])
+      if len(open_) > open_rows:
+        fullest = max(range(len(open_)), key=lambda r: open_[r][0])
+        rows.append(open_.pop(fullest)[1])
+  rows.extend(row[1] for row in open_)
+  return rows
+
+
 def efficiency(segment_bs: np.ndarray) -> float:
   """The share of tokens that are not padding."""
   return float(np.mean(np.asarray(segment_bs) > 0))

@@ -2,7 +2,9 @@
 
 Each clip is `frames x height x width x 3` uint8 on a black background; the shape (circle,
 square or triangle) keeps a constant velocity, stays fully in frame and moves at least a
-quarter of the frame over the clip. The caption is `a {color} {shape} moving {direction}`.
+quarter of the frame over the clip. The caption is `a {color} {shape} moving {direction}`
+(`a {color} {shape}` for a one-frame clip, an image). With `sizes`, each clip has its own size,
+drawn from a list such as '1x32x32,8x32x56,16x56x32' (native sizes, for packing).
 
 A TFDS `GeneratorBasedBuilder` writing `array_record` files, so it builds and reads without
 TensorFlow. Generation is a pure function of (seed, split, index): the same config always gives
@@ -38,17 +40,18 @@ def class_label(color: int, shape: int, direction: int) -> int:
   return (int(color) * len(SHAPES) + int(shape)) * len(DIRECTIONS) + int(direction)
 
 
-def caption(color: str, shape: str, direction: str) -> str:
-  return f'a {color} {shape} moving {direction}'
+def caption(color: str, shape: str, direction: str | None) -> str:
+  """'a red circle moving right'; an image (direction None) is 'a red circle'."""
+  return f'a {color} {shape}' + ('' if direction is None else f' moving {direction}')
 
 
-def parse_caption(text: str) -> tuple[str, str, str] | None:
-  """Inverse of `caption`: (color, shape, direction), or None for another sentence."""
+def parse_caption(text: str) -> tuple[str, str, str | None] | None:
+  """Inverse of `caption`: (color, shape, direction or None for an image), or None for another sentence."""
   words = text.strip().lower().split()
-  if len(words) != 5 or words[0] != 'a' or words[3] != 'moving':
+  if not (len(words) == 3 or (len(words) == 5 and words[3] == 'moving')) or words[0] != 'a':
     return None
-  color, shape, direction = words[1], words[2], words[4]
-  if color not in COLORS or shape not in SHAPES or direction not in DIRECTIONS:
+  color, shape, direction = words[1], words[2], words[4] if len(words) == 5 else None
+  if color not in COLORS or shape not in SHAPES or direction not in (None, *DIRECTIONS):
     return None
   return color, shape, direction
 
@@ -107,7 +110,20 @@ def random_clip(rng: np.random.Generator, *, frames: int, height: int, width: in
   names = COLOR_NAMES[color], SHAPES[shape], DIRECTION_NAMES[direction]
   video = render_clip(*names, frames=frames, height=height, width=width,
                       object_size=object_size, start_yx=start_yx, displacement=displacement)
-  return dict(video=video, caption=caption(*names), color=color, shape=shape, direction=direction)
+  text = caption(*names[:2], None if frames == 1 else names[2])  # one frame shows no motion
+  return dict(video=video, caption=text, color=color, shape=shape, direction=direction)
+
+
+def parse_sizes(sizes: str) -> list[tuple[int, int, int]]:
+  """'1x32x32,8x32x56' -> [(1, 32, 32), (8, 32, 56)]; a malformed list is a UsageError."""
+  try:
+    out = [tuple(int(v) for v in item.lower().split('x')) for item in sizes.split(',') if item.strip()]
+  except ValueError:
+    out = []
+  if not out or any(len(size) != 3 or min(size) < 1 for size in out):
+    raise UsageError(f'config.data.sizes={sizes!r}: give FRAMESxHEIGHTxWIDTH items separated by commas, '
+                     'e.g. "1x32x32,8x32x56,16x56x32"')
+  return out
 
 
 @dataclasses.dataclass
@@ -119,17 +135,24 @@ class ShapesConfig(tfds.core.BuilderConfig):
   num_train: int = 8192
   num_validation: int = 512
   seed: int = 0
+  sizes: str = ''  # native sizes: each clip drawn from these 'TxHxW,...' (frames/height/width unused)
 
 
 def make_config(**kwargs) -> ShapesConfig:
   """A builder config whose name records every generation parameter."""
   fields = {f.name: f.default for f in dataclasses.fields(ShapesConfig)
-            if f.name in ('frames', 'height', 'width', 'object_size', 'num_train', 'num_validation', 'seed')}
+            if f.name in ('frames', 'height', 'width', 'object_size', 'num_train', 'num_validation', 'seed', 'sizes')}
   fields.update(kwargs)
-  if fields['object_size'] > min(fields['height'], fields['width']):
-    raise UsageError(f"config.data.object_size={fields['object_size']} does not fit in a "
-                     f"{fields['height']}x{fields['width']} frame")
+  fields['sizes'] = fields['sizes'] or ''
+  sizes = parse_sizes(fields['sizes']) if fields['sizes'] else [(fields['frames'], fields['height'], fields['width'])]
+  for _, height, width in sizes:
+    if fields['object_size'] > min(height, width):
+      raise UsageError(f"config.data.object_size={fields['object_size']} does not fit in a {height}x{width} frame")
   name = 'f{frames}_h{height}_w{width}_o{object_size}_n{num_train}_v{num_validation}_s{seed}'.format(**fields)
+  if fields['sizes']:  # fixed-size datasets keep their names
+    fields['sizes'] = ','.join('x'.join(map(str, size)) for size in sizes)
+    name = 'native_{}_o{object_size}_n{num_train}_v{num_validation}_s{seed}'.format(
+        fields['sizes'].replace(',', '-'), **{k: v for k, v in fields.items() if k != 'sizes'})
   return ShapesConfig(name=name, **fields)
 
 
@@ -146,7 +169,8 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=__doc__,
         features=tfds.features.FeaturesDict({
-            'video': tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3), dtype=np.uint8),
+            'video': (tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8, encoding='bytes')
+                      if c.sizes else tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3), dtype=np.uint8)),
             'caption': tfds.features.Text(),
             'color': tfds.features.ClassLabel(names=COLOR_NAMES),
             'shape': tfds.features.ClassLabel(names=SHAPES),
@@ -162,10 +186,13 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split_id: int, count: int):
     c = self.builder_config
+    sizes = parse_sizes(c.sizes) if c.sizes else None
     for index in range(count):
       rng = np.random.default_rng([c.seed, split_id, index])
-      yield index, random_clip(rng, frames=c.frames, height=c.height, width=c.width,
-                               object_size=c.object_size)
+      frames, height, width = c.frames, c.height, c.width
+      if sizes:  # its own stream: the clip's draws are those of a fixed-size clip of that size
+        frames, height, width = sizes[np.random.default_rng([c.seed, split_id, index, 1]).integers(len(sizes))]
+      yield index, random_clip(rng, frames=frames, height=height, width=width, object_size=c.object_size)
 
 
 def build(data_dir: str | None = None, **kwargs) -> Shapes:

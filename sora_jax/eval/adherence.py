@@ -68,8 +68,10 @@ def score(videos, prompts: list[str]) -> dict:
     if parsed is None:
       raise ValueError(f'not a shapes caption: {prompt!r}')
     color, shape, direction = parsed
-    ok = (judge_color(v) == color, judge_direction(v) == direction, judge_shape(v) == shape)
-    for key, hit in zip(('color', 'direction', 'shape'), ok):
+    ok = dict(color=judge_color(v) == color, shape=judge_shape(v) == shape)
+    if direction is not None:  # an image prompt names no motion
+      ok['direction'] = judge_direction(v) == direction
+    for key, hit in ok.items():
       hits[key].append(hit)
-    hits['all'].append(all(ok))
-  return {k: float(np.mean(v)) for k, v in hits.items()} | {'n': len(prompts)}
+    hits['all'].append(all(ok.values()))
+  return {k: float(np.mean(v)) if v else None for k, v in hits.items()} | {'n': len(prompts)}

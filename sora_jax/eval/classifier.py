@@ -141,15 +141,17 @@ class Classifier:
     for i in range(0, len(prompts), batch_size):
       for k, v in self.predict(np.stack(videos_bthwc[i:i + batch_size])).items():
         predicted[k].extend(v)
-    hits = {k: [] for k in HEADS}
+    hits = {k: [] for k in (*HEADS, 'all')}
     for i, prompt in enumerate(prompts):
       parsed = shapes.parse_caption(prompt)
       if parsed is None:
         raise ValueError(f'not a shapes caption: {prompt!r}')
-      for (k, names), want in zip(HEADS.items(), (parsed[0], parsed[1], parsed[2])):
-        hits[k].append(names[predicted[k][i]] == want)
-    hits['all'] = [all(h) for h in zip(*(hits[k] for k in HEADS))]
-    return {k: float(np.mean(v)) for k, v in hits.items()}
+      row = {k: names[predicted[k][i]] == want for (k, names), want in zip(HEADS.items(), parsed)
+             if want is not None}  # an image prompt names no direction
+      for k, hit in row.items():
+        hits[k].append(hit)
+      hits['all'].append(all(row.values()))
+    return {k: float(np.mean(v)) if v else None for k, v in hits.items()}
 
   def save(self, path: str) -> None:
     flat = pretrained.flatten(self.params.to_pure_dict())
