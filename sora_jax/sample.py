@@ -93,7 +93,7 @@ def check_size(config, autoencoder, frames: int, height: int, width: int,
   prefix = os.path.commonprefix(list(names)).rpartition('.')[0]  # 'config.data.frames/height/width'
   label = prefix + '.' + '/'.join(n[len(prefix) + 1:] for n in names) if prefix else '/'.join(names)
   for name, n in zip(names, sizes):
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, (int, np.integer)) or n < 1:
       raise UsageError(f'{name}={n!r}: must be a positive integer')
   try:
     latent_thw = autoencoder.latent_shape(*sizes)

@@ -39,6 +39,12 @@ def test_pack_and_unpack_round_trip_and_mark_segments_and_positions():
     packing.pack([a, b], PATCH, length=8)
   with pytest.raises(ValueError, match='does not divide'):
     packing.pack([rng.normal(size=(3, 8, 8, 3))], PATCH, length=16)
+  with pytest.raises(ValueError, match='2 samples in a row of 1 slots'):
+    packing.pack([a, b], PATCH, length=16, max_segments=1)
+  with pytest.raises(ValueError, match='class-conditional'):
+    dit.DiT(channels=3, patch=PATCH, width=8, depth=1, num_heads=2, conditioning='class', num_classes=2,
+            rngs=nnx.Rngs(0)).forward_packed(row['x_sp'][None], np.zeros((1, 2)), row['segment_s'][None],
+                                             row['pos_s3'][None])
 
 
 def test_a_packed_row_gives_each_sample_the_output_and_gradients_it_gets_alone():

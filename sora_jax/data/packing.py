@@ -21,13 +21,15 @@ def tokens_of(shape_thw: tuple[int, int, int], patch: tuple[int, int, int]) -> i
   return math.prod(n // p for n, p in zip(shape_thw, patch))
 
 
-def pack(latents: list, patch: tuple[int, int, int], length: int) -> dict:
+def pack(latents: list, patch: tuple[int, int, int], length: int, max_segments: int | None = None) -> dict:
   """One row: `latents` (each [T, H, W, c], any T, H, W the patch divides) packed in order.
 
   -> x_sp [length, p] float32 (padding 0), segment_s int32 [length] (1..n, 0 padding),
      pos_s3 int32 [length, 3] (padding 0), grids [(t, h, w)] per sample (to unpack outputs).
-  Raises ValueError if the samples need more than `length` tokens.
+  Raises ValueError if the samples need more than `length` tokens (or `max_segments` slots).
   """
+  if max_segments is not None and len(latents) > max_segments:
+    raise ValueError(f'{len(latents)} samples in a row of {max_segments} slots')
   grids = []
   for x in latents:
     if any(n % p for n, p in zip(x.shape[:3], patch)):

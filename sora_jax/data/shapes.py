@@ -3,8 +3,8 @@
 Each clip is `frames x height x width x 3` uint8 on a black background; the shape (circle,
 square or triangle) keeps a constant velocity, stays fully in frame and moves at least a
 quarter of the frame over the clip. The caption is `a {color} {shape} moving {direction}`
-(`a {color} {shape}` for a one-frame clip, an image). With `sizes`, each clip has its own size,
-drawn from a list such as '1x32x32,8x32x56,16x56x32' (native sizes, for packing).
+With `sizes`, each clip has its own size, drawn from a list such as '1x32x32,8x32x56,16x56x32'
+(native sizes, for packing), and a one-frame clip is an image captioned `a {color} {shape}`.
 
 A TFDS `GeneratorBasedBuilder` writing `array_record` files, so it builds and reads without
 TensorFlow. Generation is a pure function of (seed, split, index): the same config always gives
@@ -90,8 +90,9 @@ def render_clip(color: str, shape: str, direction: str, *, frames: int, height: 
 
 
 def random_clip(rng: np.random.Generator, *, frames: int, height: int, width: int,
-                object_size: int) -> dict:
-  """Draws attributes, start and speed; returns the clip with its caption and labels."""
+                object_size: int, image_captions: bool = False) -> dict:
+  """Draws attributes, start and speed; returns the clip with its caption and labels.
+  `image_captions`: a one-frame clip is captioned as an image, without motion (native-size datasets)."""
   color = int(rng.integers(len(COLORS)))
   shape = int(rng.integers(len(SHAPES)))
   direction = int(rng.integers(len(DIRECTIONS)))
@@ -110,7 +111,7 @@ def random_clip(rng: np.random.Generator, *, frames: int, height: int, width: in
   names = COLOR_NAMES[color], SHAPES[shape], DIRECTION_NAMES[direction]
   video = render_clip(*names, frames=frames, height=height, width=width,
                       object_size=object_size, start_yx=start_yx, displacement=displacement)
-  text = caption(*names[:2], None if frames == 1 else names[2])  # one frame shows no motion
+  text = caption(*names[:2], None if frames == 1 and image_captions else names[2])  # one frame shows no motion
   return dict(video=video, caption=text, color=color, shape=shape, direction=direction)
 
 
@@ -192,7 +193,8 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
       frames, height, width = c.frames, c.height, c.width
       if sizes:  # its own stream: the clip's draws are those of a fixed-size clip of that size
         frames, height, width = sizes[np.random.default_rng([c.seed, split_id, index, 1]).integers(len(sizes))]
-      yield index, random_clip(rng, frames=frames, height=height, width=width, object_size=c.object_size)
+      yield index, random_clip(rng, frames=frames, height=height, width=width, object_size=c.object_size,
+                               image_captions=bool(sizes))
 
 
 def build(data_dir: str | None = None, **kwargs) -> Shapes:

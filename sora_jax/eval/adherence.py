@@ -74,4 +74,4 @@ def score(videos, prompts: list[str]) -> dict:
     for key, hit in ok.items():
       hits[key].append(hit)
     hits['all'].append(all(ok.values()))
-  return {k: float(np.mean(v)) if v else None for k, v in hits.items()} | {'n': len(prompts)}
+  return {k: float(np.mean(v)) for k, v in hits.items() if v} | {'n': len(prompts)}  # no key without prompts

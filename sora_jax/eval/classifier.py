@@ -151,7 +151,7 @@ class Classifier:
       for k, hit in row.items():
         hits[k].append(hit)
       hits['all'].append(all(row.values()))
-    return {k: float(np.mean(v)) if v else None for k, v in hits.items()}
+    return {k: float(np.mean(v)) for k, v in hits.items() if v}  # image prompts alone: no 'direction'
 
   def save(self, path: str) -> None:
     flat = pretrained.flatten(self.params.to_pure_dict())

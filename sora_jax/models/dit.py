@@ -132,7 +132,7 @@ def per_token(values_bnx, segment_bs):
   if segment_bs is None:
     return values_bnx
   index = jnp.maximum(segment_bs - 1, 0)[..., None]
-  return jnp.take_along_axis(values_bnx, index, axis=1)
+  return jnp.take_along_axis(values_bnx, index, axis=1, mode='clip')  # a bad id never gives NaN
 
 
 class FinalLayer(nnx.Module):
@@ -295,18 +295,23 @@ class DiT(nnx.Module):
 
 
   def forward_packed(self, x_bsp, t_bn, segment_bs, pos_bs3, tokens_bnl=None, token_mask_bnl=None, *,
-                     labels_bn=None, text_bnld=None, text_mask_bnl=None, frame_mask_bsk=None):
-    """Packed rows: the patch tokens of up to n samples (clips or images of any size) in each row.
+                     text_bnld=None, text_mask_bnl=None, frame_mask_bsk=None):
+    """Packed rows of a text DiT: the patch tokens of up to n samples (clips or images of any size).
 
     x_bsp [b, s, p] patch values (`patchify` of each sample, concatenated, then padding);
     segment_bs int [b, s]: 1..n, the sample of each token, 0 for padding; pos_bs3 [b, s, 3] each
-    token's (t, h, w) inside its own sample; per sample (n slots per row, unused ones ignored):
-    t_bn, and its caption (tokens_bnl/token_mask_bnl, or text_bnld/text_mask_bnl) or labels_bn;
+    token's (t, h, w) inside its own sample; per sample (n slots per row; unused ones need a finite
+    t and any caption): t_bn, and its caption (tokens_bnl/token_mask_bnl, or text_bnld/text_mask_bnl);
     frame_mask_bsk bool [b, s, patch_t] the given frames inside each token (frame conditioning).
     Self-attention stays inside a sample, cross-attention goes to its own caption, and the
     timestep and caption modulate its tokens only: each sample's output equals `__call__` on it
     alone. -> prediction [b, s, p] (padding tokens: garbage, for the loss to skip).
+    Class-conditional DiTs are not packed yet (their images use DiT's 2D position table).
     """
+    if self.conditioning == 'class':
+      raise ValueError('forward_packed: packing class-conditional DiTs is not supported yet')
+    if frame_mask_bsk is not None and not self.frame_conditioning:
+      raise ValueError('frame_mask_bsk needs a DiT built with frame_conditioning=True')
     b, s, _ = x_bsp.shape
     n = t_bn.shape[1]
     x_bsd = self.patch_embed(x_bsp)
@@ -317,23 +322,20 @@ class DiT(nnx.Module):
     x_bsd = constrain(x_bsd, ('act_batch', 'act_seq', 'act_embed'))
     c_bnd = self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t_bn.reshape(-1), 256))))
     c_bnd = c_bnd.reshape(b, n, -1)
-    text_bld = text_segment_bl = None
-    if self.conditioning == 'class':
-      c_bnd = c_bnd + jnp.take(self.label_embedding[...], labels_bn, axis=0).astype(c_bnd.dtype)
-    else:  # each slot's caption on its own; the row's cross-attention context is all of them
-      if self.external_text:
-        text_xld, mask_xl = self.text_proj(text_bnld.reshape(b * n, *text_bnld.shape[2:])), text_mask_bnl
-      else:
-        text_xld, mask_xl = self.encode_text(tokens_bnl.reshape(b * n, -1), token_mask_bnl.reshape(b * n, -1))
-      mask_xl = mask_xl.reshape(b * n, -1)
-      if self.pooled_text:
-        query_x1d = jnp.broadcast_to(self.pool_query[None], (b * n, 1, self.pool_query.shape[-1]))
-        pooled_x1d = self.pool_attn(query_x1d, context_bld=text_xld, mask_bl=mask_xl)
-        c_bnd = c_bnd + self.pool_mlp(pooled_x1d)[:, 0].reshape(b, n, -1)
-      l = mask_xl.shape[1]
-      text_bld = text_xld.reshape(b, n * l, -1)
-      slot_bnl = jnp.broadcast_to(jnp.arange(1, n + 1)[None, :, None], (b, n, l))
-      text_segment_bl = jnp.where(mask_xl.reshape(b, n, l), slot_bnl, 0).reshape(b, n * l)
+    # Each slot's caption on its own; the row's cross-attention context is all of them, by segment.
+    if self.external_text:
+      text_xld, mask_xl = self.text_proj(text_bnld.reshape(b * n, *text_bnld.shape[2:])), text_mask_bnl
+    else:
+      text_xld, mask_xl = self.encode_text(tokens_bnl.reshape(b * n, -1), token_mask_bnl.reshape(b * n, -1))
+    mask_xl = mask_xl.reshape(b * n, -1)
+    if self.pooled_text:
+      query_x1d = jnp.broadcast_to(self.pool_query[None], (b * n, 1, self.pool_query.shape[-1]))
+      pooled_x1d = self.pool_attn(query_x1d, context_bld=text_xld, mask_bl=mask_xl)
+      c_bnd = c_bnd + self.pool_mlp(pooled_x1d)[:, 0].reshape(b, n, -1)
+    l = mask_xl.shape[1]
+    text_bld = text_xld.reshape(b, n * l, -1)
+    slot_bnl = jnp.broadcast_to(jnp.arange(1, n + 1)[None, :, None], (b, n, l))
+    text_segment_bl = jnp.where(mask_xl.reshape(b, n, l), slot_bnl, 0).reshape(b, n * l)
     apply = lambda block, *args: block(*args)
     if self.remat != 'none':
       apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])

@@ -278,6 +278,8 @@ class Attention(nnx.Module):
       out = self_attention(q, k, v, mask_bl, implementation=self.implementation,
                            sequence_parallel=self.sequence_parallel, segment_bs=segment_bs)
     elif segment_bs is not None:
+      if context_segment_bl is None or mask_bl is not None:
+        raise ValueError('packed cross-attention takes context_segment_bl (0 for padding) and no mask_bl')
       out = segment_attention(q, k, v, segment_bs, context_segment_bl)
     else:
       out = attend(q, k, v, mask_bl, self.implementation)
