@@ -143,3 +143,27 @@ def test_the_row_plan_places_every_sample_once_within_limits_and_wastes_under_5_
   assert rows == packing.plan_rows(counts, length=1024, max_segments=16)  # deterministic
   with pytest.raises(ValueError, match='sample 1 has 600 tokens, more than the row length 512'):
     packing.plan_rows([10, 600], length=512, max_segments=4)
+
+
+def test_packed_rows_stream_every_example_once_per_epoch_deterministically(tmp_path):
+  from sora_jax.data import pipeline, shapes
+  builder = shapes.build(str(tmp_path), sizes='2x8x8,4x8x16,2x16x8', num_train=40, num_validation=4, object_size=6)
+  import tensorflow_datasets as tfds
+  source = pipeline.SkipBadRecords(tfds.data_source(f'shapes/{builder.builder_config.name}', split='train',
+                                                    data_dir=str(tmp_path)), max_text_len=32)
+  counts = [packing.tokens_of(source[i]['video'].shape[:3], PATCH) for i in range(len(source))]
+  rows = packing.PackedRows(source, counts, patch=PATCH, length=16, max_segments=6, seed=0)
+  epoch = rows._epoch(0)
+  assert sorted(i for row in epoch for i in row) == list(range(40))
+  n = len(epoch)
+  assert rows.row_examples(n) == rows._epoch(1)[0] and rows._epoch(1) != epoch  # reshuffled each epoch
+  again = packing.PackedRows(source, counts, patch=PATCH, length=16, max_segments=6, seed=0)
+  r = again[n + 1]  # random access, straight into epoch 1
+  np.testing.assert_array_equal(r['x_sp'], rows[n + 1]['x_sp'])
+  used = r['frames_n'] > 0
+  assert r['segment_s'].max() == used.sum() and (r['token_mask'][~used] == False).all()  # noqa: E712
+  first = source[rows.row_examples(n + 1)[0]]
+  np.testing.assert_array_equal(r['tokens'][0], first['tokens'])
+  back = packing.unpack(r['x_sp'], [tuple(g // p for g, p in zip(first['video'].shape[:3], PATCH))], PATCH, 3)[0]
+  np.testing.assert_allclose(back, first['video'] / 127.5 - 1.0, atol=1e-6)
+  assert sum(counts) / (16 * n) > 0.8

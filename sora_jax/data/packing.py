@@ -9,6 +9,7 @@ each on its own timestep and caption, and places tokens by their own positions. 
 Pure numpy: it runs in the input pipeline, on the host.
 """
 
+import bisect
 import math
 
 import numpy as np
@@ -94,3 +95,56 @@ def plan_rows(token_counts, length: int, max_segments: int, open_rows: int = 16)
 def efficiency(segment_bs: np.ndarray) -> float:
   """The share of tokens that are not padding."""
   return float(np.mean(np.asarray(segment_bs) > 0))
+
+
+class PackedRows:
+  """An endless random-access stream of packed rows over a source of examples (`pipeline.to_example`
+  dicts with 'video' uint8 [T, H, W, 3] of any size, or 'latent' [T, H, W, c]).
+
+  Epoch e visits every example once, in a seeded shuffled order, and `plan_rows` groups them into
+  rows; row r of the stream is the r-th row of the epochs laid end to end. So a step's rows are a
+  pure function of (seed, step): any process reads any row, and nothing needs checkpointing.
+  `token_counts[i]` is example i's number of patch tokens (known before reading it).
+
+  row -> {'x_sp' float32 [length, p] (pixels in [-1, 1] or latents), 'segment_s' int32 [length],
+  'pos_s3' int32 [length, 3], 'tokens' int32 [max_segments, l], 'token_mask' bool [max_segments, l]
+  (unused slots: all False), 'frames_n' int32 [max_segments] (0: unused slot)}.
+  """
+
+  def __init__(self, source, token_counts, *, patch, length: int, max_segments: int, seed: int):
+    self.source, self.patch, self.length, self.max_segments, self.seed = source, tuple(patch), length, max_segments, seed
+    self.counts = np.asarray(token_counts)
+    self._epochs = []  # per epoch: its rows (lists of example indices)
+    self._starts = [0]  # the stream index of each epoch's first row
+
+  def __len__(self):
+    return 2**40  # endless; grain needs a length
+
+  def _epoch(self, e: int) -> list:
+    while len(self._epochs) <= e:
+      order = np.random.default_rng([self.seed, len(self._epochs)]).permutation(len(self.counts))
+      rows = [[int(order[i]) for i in row] for row in plan_rows(self.counts[order], self.length, self.max_segments)]
+      self._epochs.append(rows)
+      self._starts.append(self._starts[-1] + len(rows))
+    return self._epochs[e]
+
+  def row_examples(self, r: int) -> list:
+    """The example indices of stream row r."""
+    while self._starts[-1] <= r:
+      self._epoch(len(self._epochs))
+    e = bisect.bisect_right(self._starts, r) - 1
+    return self._epoch(e)[r - self._starts[e]]
+
+  def __getitem__(self, r: int) -> dict:
+    examples = [self.source[i] for i in self.row_examples(int(r))]
+    xs = [np.asarray(x['latent'], np.float32) if 'latent' in x else x['video'].astype(np.float32) / 127.5 - 1.0
+          for x in examples]
+    row = pack(xs, self.patch, self.length, self.max_segments)
+    l = examples[0]['tokens'].shape[0]
+    tokens = np.zeros((self.max_segments, l), np.int32)
+    mask = np.zeros((self.max_segments, l), bool)
+    frames = np.zeros((self.max_segments,), np.int32)
+    for i, (x, ex) in enumerate(zip(xs, examples)):
+      tokens[i], mask[i], frames[i] = ex['tokens'], ex['token_mask'], x.shape[0]
+    return dict(x_sp=row['x_sp'], segment_s=row['segment_s'], pos_s3=row['pos_s3'], tokens=tokens,
+                token_mask=mask, frames_n=frames)
