@@ -86,6 +86,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       folder=ml_collections.config_dict.placeholder(str), fps=8, validation_fraction=0.05,
       # name='encoded': latents (and text embeddings) precomputed by `python -m sora_jax.encode`.
       encoded_dir=ml_collections.config_dict.placeholder(str),
+      # Native sizes (shapes): each clip's size drawn from 'TxHxW,...' (frames/height/width then only
+      # set the sampling default); needs packing (config.packing). '' : every clip frames x height x width.
+      sizes='',
   )
   # 'identity': pixel space. 'wan': a Wan 2.1 VAE from a diffusers folder, e.g. --config.autoencoder.kind=wan
   # --config.autoencoder.path=/models/Wan2.1-T2V-1.3B-Diffusers/vae --config.data.frames=17 (1 + 4n)
@@ -150,6 +153,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       i3d_path=ml_collections.config_dict.placeholder(str),  # piergiaj InceptionI3d .pt / .npz
       videos_to_tensorboard=4,
   )
+  # Sequence packing (configs/shapes_native.py): row_length > 0 trains on rows of that many tokens,
+  # each holding up to max_segments samples of any size (config.data.sizes); batch_size counts rows.
+  # loss_weighting: 'sample' (every sample counts the same) or 'token' (every generated value does).
+  config.packing = dict(row_length=0, max_segments=16, loss_weighting='sample')
   config.mesh = sharding.MESH_PRESETS[options.get('mesh', 'dp')]  # sizes; -1: the remaining devices
   config.sharding_rules = SHARDING_RULES
 

@@ -79,19 +79,29 @@ def windows(frames: int, window: int, backward: bool = False) -> list[int]:
   return [frames - window - s for s in starts] if backward else starts
 
 
+def window_length(cfg, frames: int) -> int:
+  """Frames made in one pass: the training length T, or for a model trained at native sizes
+  (packed, `config.data.sizes`) the output's own length up to the longest clip it trained on."""
+  if cfg.get('packing') and cfg.packing.get('row_length') and cfg.data.get('sizes'):
+    from sora_jax.data import shapes
+    return min(frames, max(size[0] for size in shapes.parse_sizes(cfg.data.sizes)))
+  return cfg.data.frames
+
+
 def generate_frames(model, prompts: list, given: dict, *, frames: int | None = None, height: int | None = None,
                     width: int | None = None, backward: bool = False, loop: bool = False, seed: int = 0,
                     **sample_kw) -> np.ndarray:
   """uint8 [len(prompts), frames, H, W, 3] with frame i equal to `given[i]` (uint8 [H, W, 3], the same
   for every prompt) for each given index, the rest generated window by window (module docstring).
-  Windows have the training length T; H, W: `height`, `width` or the config's.
+  Windows have the training length T (`window_length`); H, W: `height`, `width` or the config's.
   `sample_kw` go to `sample.generate` (steps, guidance scales, stochasticity, negative prompt)."""
   from sora_jax import sample
   cfg = model.config
-  T, H, W = cfg.data.frames, height or cfg.data.height, width or cfg.data.width
-  frames = frames or T
+  H, W = height or cfg.data.height, width or cfg.data.width
+  frames = frames or cfg.data.frames
   if frames < 1:
     raise UsageError(f'frames={frames}: need at least one frame')
+  T = window_length(cfg, frames)
   b = len(prompts)
   out = np.zeros((b, max(frames, T), H, W, 3), np.uint8)
   known = np.zeros(max(frames, T), bool)

@@ -400,8 +400,9 @@ def main(argv):
     if paths[0].lower().endswith('.png') and frames != 1:
       raise UsageError(f'--out={FLAGS.out}: a .png holds one frame' +
                        (': write .mp4 or .gif' if FLAGS.edit else '; pass --frames=1 or write .mp4/.gif'))
-    if FLAGS.height or FLAGS.width:  # each window of the output has the training length
-      check_size(cfg, autoencoder_lib.make(cfg.autoencoder, load_weights=False), cfg.data.frames,
+    if FLAGS.height or FLAGS.width or FLAGS.frames:  # each window of the output
+      from sora_jax import prompting
+      check_size(cfg, autoencoder_lib.make(cfg.autoencoder, load_weights=False), prompting.window_length(cfg, frames),
                  FLAGS.height or cfg.data.height, FLAGS.width or cfg.data.width,
                  names=('--frames', '--height', '--width'), sampling=True)
     model = load(FLAGS.workdir, FLAGS.checkpoint_step)

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from flax import nnx
 
 from sora_jax import UsageError, checkpoint, ensure_writable_dir, metrics, optim, sample, sharding, video
-from sora_jax.data import pipeline
+from sora_jax.data import packing, pipeline
 from sora_jax.diffusion import frame_conditioning
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.eval import evaluator as evaluator_lib
@@ -123,6 +123,7 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
     raise UsageError(f'config.model.sequence_parallel={m.sequence_parallel!r}: use one of {layers.SEQUENCE_PARALLEL}')
   validate_frame_conditioning(config)
   evaluator_lib.validate(config)
+  validate_packing(config)
   return sizes
 
 
@@ -202,12 +203,43 @@ def cached_text(config) -> bool:
 def batch_ndims(config) -> dict[str, int]:
   """The input arrays a train step takes, by name, with their ranks (the leading axis is the batch):
   clips or (`encoded` data) latents, and labels, token ids or (cached) text embeddings."""
+  if packing_on(config):  # packed rows (sora_jax/data/packing.py): per-slot captions
+    return {'x_sp': 3, 'segment_s': 2, 'pos_s3': 3, 'tokens': 3, 'token_mask': 3, 'frames_n': 2}
   x = {'latent': 5} if pipeline.is_encoded(config.data) else {'video': 5}
   if dit.is_class_conditional(config.model):
     return {**x, 'label': 1}
   if cached_text(config):
     return {**x, 'text': 3, 'text_mask': 2}
   return {**x, 'tokens': 2, 'token_mask': 2}
+
+
+def packing_on(config) -> bool:
+  """Whether training packs samples of any size into rows (`config.packing.row_length` > 0)."""
+  return bool(config.get('packing') and config.packing.get('row_length'))
+
+
+def validate_packing(config) -> None:
+  """What packed training supports so far, checked before anything is built."""
+  if not packing_on(config):
+    return
+  p = config.packing
+  if not (isinstance(p.row_length, int) and p.row_length > 0 and isinstance(p.max_segments, int)
+          and p.max_segments > 0):
+    raise UsageError(f'config.packing: row_length={p.row_length!r} and max_segments={p.max_segments!r} must be '
+                     'positive integers')
+  if p.get('loss_weighting', 'sample') not in ('sample', 'token'):
+    raise UsageError(f'config.packing.loss_weighting={p.loss_weighting!r}: use "sample" or "token"')
+  unsupported = [
+      (config.data.name != 'shapes', f'config.data.name={config.data.name!r} (packing reads "shapes" so far)'),
+      (config.autoencoder.kind != 'identity', f'config.autoencoder.kind={config.autoencoder.kind!r} (pixel space only)'),
+      (text_lib.is_frozen(config) or dit.is_class_conditional(config.model), 'a frozen text encoder or class labels'),
+      (frame_conditioning_on(config), 'config.frame_conditioning.probability > 0'),
+      (config.grad_accum_steps != 1, f'config.grad_accum_steps={config.grad_accum_steps}'),
+      (evaluator_lib.enabled(config), 'config.eval.every_steps > 0 (evaluation reads fixed-size clips)'),
+  ]
+  for bad, what in unsupported:
+    if bad:
+      raise UsageError(f'config.packing.row_length={p.row_length}: packed training does not support {what} yet')
 
 
 def frozen_params(config, autoencoder, text_encoder=None) -> dict:
@@ -280,6 +312,19 @@ def make_loss_and_grads(config, graphdef):
   return loss_and_grads
 
 
+def make_packed_loss_and_grads(config, graphdef):
+  """(params, x0 [b, s, p], noise, t [b, n], segment_s, pos_s3, tokens [b, n, l], mask) -> (loss, grads)."""
+  obj = config.objective
+
+  def loss_fn(params, x0, noise, t, segment, pos, tokens, mask):
+    net = nnx.merge(graphdef, params)
+    apply = lambda x_t, t_bn: net.forward_packed(x_t, t_bn, segment, pos, tokens, mask)
+    return rf.packed_loss(apply, x0, noise, t, segment, prediction_type=obj.prediction, min_t=obj.min_t,
+                          weighting=config.packing.get('loss_weighting', 'sample'))[0]
+
+  return jax.value_and_grad(loss_fn)
+
+
 def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
   """(state, batch, frozen) -> (state, metrics). With a frozen `text_encoder` (T5), `batch['tokens']`
   are its token ids and the step encodes them (no gradient); else the DiT's byte encoder trains."""
@@ -290,10 +335,28 @@ def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
   else:
     null_tokens, null_mask = text.tokenize([''], config.data.max_text_len)
   loss_and_grads = make_loss_and_grads(config, graphdef)
+  packed_loss_and_grads = make_packed_loss_and_grads(config, graphdef) if packing_on(config) else None
+
+  def packed_step(state, batch, r_noise, r_time, r_drop):
+    """Packed rows: each slot (sample) draws its own caption dropout, timestep and size shift."""
+    x0, segment = batch['x_sp'].astype(jnp.float32), batch['segment_s']
+    b, n = x0.shape[0], batch['tokens'].shape[1]
+    drop = jax.random.uniform(r_drop, (b, n, 1)) < obj.caption_dropout
+    tokens = jnp.where(drop, null_tokens, batch['tokens'])
+    mask = jnp.where(drop, null_mask, batch['token_mask'])
+    noise = jax.random.normal(r_noise, x0.shape)
+    count_bn = jnp.sum(segment[..., None] == jnp.arange(1, n + 1), axis=1)  # each sample's tokens
+    shift = rf.size_shift(obj.time_shift, jnp.maximum(count_bn, 1), obj.get('shift_base_tokens'))
+    t = rf.sample_time(r_time, b * n, mean=obj.time_mean, std=obj.time_std,
+                       shift=jnp.reshape(shift, (-1,)) if jnp.ndim(shift) else shift,
+                       high_noise_fraction=obj.high_noise_fraction, high_noise_min=obj.high_noise_min)
+    return packed_loss_and_grads(state['params'], x0, noise, t.reshape(b, n), segment, batch['pos_s3'], tokens, mask)
 
   def train_step(state, batch, frozen):
     rng = jax.random.fold_in(jax.random.key(config.seed), state['step'])  # no RNG state to save
     r_noise, r_time, r_drop = jax.random.split(rng, 3)
+    if 'segment_s' in batch:
+      return update(state, *packed_step(state, batch, r_noise, r_time, r_drop))
     if 'latent' in batch:  # precomputed by sora_jax.encode
       x0 = batch['latent'].astype(jnp.float32)
     else:
@@ -327,7 +390,9 @@ def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
           keyframe_rate=fcc.keyframe_rate))
       if fcc.noise_max > 0:  # lightly noised given frames: robust to imperfect (e.g. decoded) inputs
         given['t_b'] = jax.random.uniform(r_level, (b,), maxval=fcc.noise_max)
-    loss, grads = loss_and_grads(state['params'], x0, noise, t, cond, given)
+    return update(state, *loss_and_grads(state['params'], x0, noise, t, cond, given))
+
+  def update(state, loss, grads):
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     ema = optim.ema_update(state['ema'], params, config.ema_decay, state['step'])
@@ -512,10 +577,17 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
                              frozen)
 
     # --- The loop. ---
-    data_iter = pipeline.make_iterator(source, global_batch_size=config.batch_size, seed=config.data.seed,
+    stream = source
+    if packing_on(config):  # rows of several samples each, in a seeded order of their own
+      stream = packing.PackedRows(source, pipeline.token_counts(source, config.model.patch),
+                                  patch=config.model.patch, length=config.packing.row_length,
+                                  max_segments=config.packing.max_segments, seed=config.data.seed)
+      logging.info('packing: %d rows of %d tokens per epoch, %.3f of their tokens used (not padding)',
+                   len(stream._epoch(0)), config.packing.row_length, stream.epoch_efficiency(0))
+    data_iter = pipeline.make_iterator(stream, global_batch_size=config.batch_size, seed=config.data.seed,
                                        max_text_len=config.data.max_text_len, start_step=start_step,
                                        process_index=jax.process_index(), process_count=jax.process_count(),
-                                       worker_count=config.data.worker_count)
+                                       worker_count=config.data.worker_count, shuffle=not packing_on(config))
     writer = metrics.Writer(workdir, enabled=is_main, resume_step=start_step)
     progress = metrics.Progress(config.total_steps, start_step)
     lr_schedule = optim.learning_rate_schedule(config.optim, config.total_steps)

@@ -167,3 +167,63 @@ def test_packed_rows_stream_every_example_once_per_epoch_deterministically(tmp_p
   back = packing.unpack(r['x_sp'], [tuple(g // p for g, p in zip(first['video'].shape[:3], PATCH))], PATCH, 3)[0]
   np.testing.assert_allclose(back, first['video'] / 127.5 - 1.0, atol=1e-6)
   assert sum(counts) / (16 * n) > 0.8
+
+
+def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tmp_path):
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import shapes_native
+  from sora_jax import UsageError, sample, train
+  config = shapes_native.get_config('tiny')
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.update(total_steps=3, log_every_steps=1)
+  config.sample.prompts = ()
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  import json
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['step'] for r in rows] == [1, 2, 3] and all(np.isfinite(r['train/loss']) for r in rows)
+  model = sample.load(workdir)
+  for size in ((1, 16, 16), (2, 16, 24), (2, 24, 16)):  # an image, wide and tall clips
+    assert sample.generate(model, ['a red circle moving right'], size=size, num_steps=1).shape == (1, *size, 3)
+  config.frame_conditioning.probability = 0.5
+  with pytest.raises(UsageError, match='packed training does not support config.frame_conditioning'):
+    train.validate_config(config, 1)
+
+
+def test_in_a_packed_step_padding_costs_nothing():
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import shapes_native
+  from sora_jax import optim, train
+  config = shapes_native.get_config('tiny')
+  graphdef, params = random_dit()
+  config.model.update(width=32, depth=2, num_heads=4, text_width=16, text_depth=1, text_heads=2, patch=PATCH)
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  step = jax.jit(train.make_train_step(config, graphdef, tx, autoencoder=None))
+  rng = np.random.default_rng(0)
+  row = packing.pack([rng.normal(size=(4, 8, 12, 3)), rng.normal(size=(2, 4, 8, 3))], PATCH, 16, 8)
+  tokens, mask = byte.tokenize(['a red circle moving right', 'a blue square'] + [''] * 6, 32)
+  mask[2:] = False
+  batch = dict(x_sp=row['x_sp'][None], segment_s=row['segment_s'][None], pos_s3=row['pos_s3'][None],
+               tokens=tokens[None], token_mask=mask[None], frames_n=np.array([[4, 2] + [0] * 6]))
+  state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=params)
+  noisy = dict(batch, x_sp=batch['x_sp'].copy())
+  noisy['x_sp'][0, 14:] = 1e3  # the padding tokens' values
+  a, metrics_a = step(state, batch, {})
+  b, metrics_b = step(state, noisy, {})
+  np.testing.assert_allclose(metrics_a['train/loss'], metrics_b['train/loss'], rtol=1e-6)
+  np.testing.assert_allclose(metrics_a['train/grad_norm'], metrics_b['train/grad_norm'], rtol=1e-5)
+
+
+def test_a_native_model_makes_an_image_or_a_short_clip_in_one_pass():
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import shapes, shapes_native
+  from sora_jax import prompting
+  native, fixed = shapes_native.get_config(), shapes.get_config()
+  assert [prompting.window_length(native, f) for f in (1, 8, 12, 40)] == [1, 8, 12, 16]
+  assert [prompting.window_length(fixed, f) for f in (1, 8, 40)] == [8, 8, 8]  # windows of T, then cut

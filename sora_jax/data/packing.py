@@ -120,6 +120,11 @@ class PackedRows:
   def __len__(self):
     return 2**40  # endless; grain needs a length
 
+  def epoch_efficiency(self, e: int = 0) -> float:
+    """The share of epoch e's row tokens that are not padding."""
+    rows = self._epoch(e)
+    return float(sum(self.counts[i] for row in rows for i in row) / (len(rows) * self.length))
+
   def _epoch(self, e: int) -> list:
     while len(self._epochs) <= e:
       order = np.random.default_rng([self.seed, len(self._epochs)]).permutation(len(self.counts))

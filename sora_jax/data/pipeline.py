@@ -9,6 +9,7 @@ is no iterator state to checkpoint: a run resumes at any step on any number of p
 """
 
 import json
+import math
 import os
 import threading
 
@@ -139,7 +140,7 @@ def data_source(data_config, split: str):
     builder = shapes.build(data_config.data_dir, frames=data_config.frames, height=data_config.height,
                            width=data_config.width, object_size=data_config.object_size,
                            num_train=data_config.num_train, num_validation=data_config.num_validation,
-                           seed=data_config.seed)
+                           seed=data_config.seed, sizes=data_config.get('sizes') or '')
   except OSError as e:
     raise UsageError(f'config.data.data_dir={data_config.data_dir!r}: cannot build or read the dataset '
                      f'there: {e.strerror or e}') from None
@@ -165,8 +166,13 @@ def _folder_source(data_config, split: str):
                           data_dir=str(builder.data_dir_root))
 
 
+def token_counts(source, patch) -> list[int]:
+  """Each example's number of patch tokens (reads every record once: seconds for `shapes`)."""
+  return [math.prod(n // p for n, p in zip(source[i]['video'].shape[:3], patch)) for i in range(len(source))]
+
+
 def make_iterator(source, *, global_batch_size: int, seed: int, max_text_len: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1, worker_count: int = 0):
+                  process_index: int = 0, process_count: int = 1, worker_count: int = 0, shuffle: bool = True):
   """This process's batches for steps start_step, start_step + 1, ... (an endless iterator).
 
   Each is `global_batch_size / process_count` examples (numpy dicts), this process's contiguous
@@ -175,9 +181,12 @@ def make_iterator(source, *, global_batch_size: int, seed: int, max_text_len: in
   """
   if global_batch_size % process_count:
     raise UsageError(f'config.batch_size={global_batch_size} does not split over {process_count} processes')
-  if not isinstance(source, SkipBadRecords):
-    source = SkipBadRecords(source, max_text_len)
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()  # reshuffled every epoch
+  if not shuffle:  # an endless stream already in its order (packed rows: sora_jax.data.packing)
+    ds = grain.MapDataset.source(source)
+  else:
+    if not isinstance(source, SkipBadRecords):
+      source = SkipBadRecords(source, max_text_len)
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()  # reshuffled every epoch
   ds = ds.batch(global_batch_size // process_count)  # [i * b, (i + 1) * b) of the stream
   ds = ds[process_index::process_count][start_step:]  # step k: local batch k * P + p
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
