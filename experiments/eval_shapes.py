@@ -36,11 +36,15 @@ flags.DEFINE_float('time_shift', None, 'Sampling time shift; < 1 spends more ste
                    '(default: config).')
 flags.DEFINE_string('out_dir', None, 'If set, also write every sample here as a GIF.')
 flags.DEFINE_bool('ground_truth', False, 'Score validation clips instead of samples.')
+flags.DEFINE_string('size', None, 'Sample at FRAMESxHEIGHTxWIDTH, e.g. 16x32x56 (native-size models): analytic '
+                    'adherence only; one frame (an image): image captions, color and shape.')
 flags.DEFINE_string('i3d_path', None, 'Also FVD through this I3D checkpoint (piergiaj .pt or converted .npz).')
 FLAGS = flags.FLAGS
 
 
-def all_captions() -> list[str]:
+def all_captions(images: bool = False) -> list[str]:
+  if images:  # 7 colors x 3 shapes, no motion
+    return [shapes.caption(c, s, None) for c, s in itertools.product(shapes.COLORS, shapes.SHAPES)]
   return [shapes.caption(c, s, d) for c, s, d in
           itertools.product(shapes.COLORS, shapes.SHAPES, shapes.DIRECTIONS)]
 
@@ -51,6 +55,12 @@ def main(argv):
   try:
     if not FLAGS.workdir:
       raise UsageError('--workdir is required')
+    size = None
+    if FLAGS.size:
+      try:
+        (size,) = shapes.parse_sizes(FLAGS.size)
+      except (UsageError, ValueError):
+        raise UsageError(f'--size={FLAGS.size}: give one FRAMESxHEIGHTxWIDTH, e.g. 16x32x56') from None
     model = sample.load(FLAGS.workdir, FLAGS.checkpoint_step)
     start = time.time()
     if FLAGS.ground_truth:
@@ -61,17 +71,22 @@ def main(argv):
     else:
       prompts, videos = [], []
       for seed in range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.seeds):
-        captions = all_captions()
+        captions = all_captions(images=size is not None and size[0] == 1)
         for i in range(0, len(captions), FLAGS.batch):
           chunk = captions[i:i + FLAGS.batch]
           videos.extend(sample.generate(model, chunk, seed=seed * 100 + i, num_steps=FLAGS.steps,
                                         guidance_scale=FLAGS.guidance_scale, time_shift=FLAGS.time_shift,
-                                        stochasticity=FLAGS.stochasticity))
+                                        stochasticity=FLAGS.stochasticity, size=size))
           prompts.extend(chunk)
     if FLAGS.out_dir:
       for i, (p, v) in enumerate(zip(prompts, videos)):
         video.write(os.path.join(FLAGS.out_dir, f'{i:04d}_{p.replace(" ", "_")}.gif'), v)
     result = adherence.score(videos, prompts)
+    if size is not None:  # the classifier and the validation clips have the config's size
+      result.update(size=list(size), workdir=FLAGS.workdir, step=model.step, seconds=round(time.time() - start, 1),
+                    exact_size=all(v.shape == (*size, 3) for v in videos))
+      print(json.dumps(result))
+      return
     from sora_jax.data import pipeline
     source = pipeline.data_source(model.config.data, 'validation')
     real = [source[i]['video'] for i in range(len(source))]

@@ -187,6 +187,15 @@ def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tm
   model = sample.load(workdir)
   for size in ((1, 16, 16), (2, 16, 24), (2, 24, 16)):  # an image, wide and tall clips
     assert sample.generate(model, ['a red circle moving right'], size=size, num_steps=1).shape == (1, *size, 3)
+  import subprocess
+  from tests.conftest import subprocess_env
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, 'experiments/eval_shapes.py', f'--workdir={workdir}', '--size=1x16x16',
+                           '--steps=1', '--batch=21'], cwd=root, env=subprocess_env(1, PYTHONPATH=root),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  line = json.loads(result.stdout.splitlines()[-1])  # images: 21 captions, color and shape only
+  assert line['n'] == 21 and line['exact_size'] and 'direction' not in line and 0 <= line['color'] <= 1
   config.frame_conditioning.probability = 0.5
   with pytest.raises(UsageError, match='packed training does not support config.frame_conditioning'):
     train.validate_config(config, 1)
