@@ -52,6 +52,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sora_jax import UsageError, optim, sample, sharding, train
+from sora_jax.data import packing
 from sora_jax.models import autoencoder as autoencoder_lib
 from sora_jax.models import dit
 import sora_jax.text as text_lib
@@ -183,7 +184,7 @@ def build_step(config, devices) -> Step:
   autoencoder = sample.abstract_model(config)[2]
   d = config.data
   latent_thw = autoencoder.latent_shape(d.frames, d.height, d.width)
-  tokens_per_sample = math.prod(n // p for n, p in zip(latent_thw, config.model.patch))
+  tokens_per_sample = packing.tokens_of(latent_thw, config.model.patch)
   forward_flops = dit.forward_flops_per_sample(config.model, latent_thw, autoencoder.channels, d.max_text_len)
   figures = dict(num_params=sum(x.size for x in jax.tree.leaves(abstract_state['params'])),
                  batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps,

@@ -9,7 +9,6 @@ From a notebook:
 
 import dataclasses
 import json
-import math
 import os
 import sys
 from functools import partial
@@ -22,6 +21,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from sora_jax import UsageError, checkpoint, ensure_writable_dir, sharding, video
+from sora_jax.data import packing
 from sora_jax.diffusion import frame_conditioning as fc
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.models import autoencoder as autoencoder_lib
@@ -105,7 +105,7 @@ def check_size(config, autoencoder, frames: int, height: int, width: int,
     if p <= 0 or latent % p:
       via = '' if latent == n else f' (latent {name.rsplit(".", 1)[-1].lstrip("-")} {latent})'
       raise UsageError(f'config.model.patch={patch} does not divide {name}={n}{via}')
-  tokens = math.prod(n // p for n, p in zip(latent_thw, patch))
+  tokens = packing.tokens_of(latent_thw, patch)
   limit = config.sample.get('max_tokens') if sampling else None
   if limit and tokens > limit:
     raise UsageError(f'{frames}x{height}x{width} is {tokens} spacetime patches, more than config.sample.max_tokens='
@@ -180,7 +180,7 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   b = len(prompts)
   size = tuple(size or (cfg.data.frames, cfg.data.height, cfg.data.width))
   shape = check_size(cfg, model.autoencoder, *size, names=('frames', 'height', 'width'), sampling=True)
-  tokens = math.prod(n // p for n, p in zip(shape, cfg.model.patch))
+  tokens = packing.tokens_of(shape, cfg.model.patch)
   time_shift = float(rf.size_shift(time_shift, tokens, cfg.objective.get('shift_base_tokens')))
   frames = (*size, 3)
   cond, null_cond = conditioning(cfg, list(prompts), model.text_encoder, negative_prompt)

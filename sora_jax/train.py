@@ -377,7 +377,7 @@ def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
       else:
         cond = dict(tokens_bl=tokens_bl, token_mask_bl=token_mask_bl)
     noise = jax.random.normal(r_noise, x0.shape)
-    tokens = math.prod(n // p for n, p in zip(x0.shape[1:4], config.model.patch))
+    tokens = packing.tokens_of(x0.shape[1:4], config.model.patch)
     shift = rf.size_shift(obj.time_shift, tokens, obj.get('shift_base_tokens'))
     t = rf.sample_time(r_time, b, mean=obj.time_mean, std=obj.time_std, shift=shift,
                        high_noise_fraction=obj.high_noise_fraction, high_noise_min=obj.high_noise_min)
@@ -583,7 +583,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
                                   patch=config.model.patch, length=config.packing.row_length,
                                   max_segments=config.packing.max_segments, seed=config.data.seed)
       logging.info('packing: %d rows of %d tokens per epoch, %.3f of their tokens used (not padding)',
-                   len(stream._epoch(0)), config.packing.row_length, stream.epoch_efficiency(0))
+                   len(stream.epoch(0)), config.packing.row_length, stream.epoch_efficiency(0))
     data_iter = pipeline.make_iterator(stream, global_batch_size=config.batch_size, seed=config.data.seed,
                                        max_text_len=config.data.max_text_len, start_step=start_step,
                                        process_index=jax.process_index(), process_count=jax.process_count(),

@@ -153,10 +153,10 @@ def test_packed_rows_stream_every_example_once_per_epoch_deterministically(tmp_p
                                                     data_dir=str(tmp_path)), max_text_len=32)
   counts = [packing.tokens_of(source[i]['video'].shape[:3], PATCH) for i in range(len(source))]
   rows = packing.PackedRows(source, counts, patch=PATCH, length=16, max_segments=6, seed=0)
-  epoch = rows._epoch(0)
+  epoch = rows.epoch(0)
   assert sorted(i for row in epoch for i in row) == list(range(40))
   n = len(epoch)
-  assert rows.row_examples(n) == rows._epoch(1)[0] and rows._epoch(1) != epoch  # reshuffled each epoch
+  assert rows.row_examples(n) == rows.epoch(1)[0] and rows.epoch(1) != epoch  # reshuffled each epoch
   again = packing.PackedRows(source, counts, patch=PATCH, length=16, max_segments=6, seed=0)
   r = again[n + 1]  # random access, straight into epoch 1
   np.testing.assert_array_equal(r['x_sp'], rows[n + 1]['x_sp'])

@@ -122,10 +122,11 @@ class PackedRows:
 
   def epoch_efficiency(self, e: int = 0) -> float:
     """The share of epoch e's row tokens that are not padding."""
-    rows = self._epoch(e)
+    rows = self.epoch(e)
     return float(sum(self.counts[i] for row in rows for i in row) / (len(rows) * self.length))
 
-  def _epoch(self, e: int) -> list:
+  def epoch(self, e: int) -> list:
+    """Epoch e's rows: lists of example indices."""
     while len(self._epochs) <= e:
       order = np.random.default_rng([self.seed, len(self._epochs)]).permutation(len(self.counts))
       rows = [[int(order[i]) for i in row] for row in plan_rows(self.counts[order], self.length, self.max_segments)]
@@ -136,9 +137,9 @@ class PackedRows:
   def row_examples(self, r: int) -> list:
     """The example indices of stream row r."""
     while self._starts[-1] <= r:
-      self._epoch(len(self._epochs))
+      self.epoch(len(self._epochs))
     e = bisect.bisect_right(self._starts, r) - 1
-    return self._epoch(e)[r - self._starts[e]]
+    return self.epoch(e)[r - self._starts[e]]
 
   def __getitem__(self, r: int) -> dict:
     examples = [self.source[i] for i in self.row_examples(int(r))]

@@ -9,7 +9,6 @@ is no iterator state to checkpoint: a run resumes at any step on any number of p
 """
 
 import json
-import math
 import os
 import threading
 
@@ -168,7 +167,8 @@ def _folder_source(data_config, split: str):
 
 def token_counts(source, patch) -> list[int]:
   """Each example's number of patch tokens (reads every record once: seconds for `shapes`)."""
-  return [math.prod(n // p for n, p in zip(source[i]['video'].shape[:3], patch)) for i in range(len(source))]
+  from sora_jax.data import packing  # pylint: disable=g-import-not-at-top (packing imports the DiT)
+  return [packing.tokens_of(source[i]['video'].shape[:3], patch) for i in range(len(source))]
 
 
 def make_iterator(source, *, global_batch_size: int, seed: int, max_text_len: int, start_step: int = 0,
