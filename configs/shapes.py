@@ -87,7 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # name='encoded': latents (and text embeddings) precomputed by `python -m sora_jax.encode`.
       encoded_dir=ml_collections.config_dict.placeholder(str),
       # Native sizes (shapes): each clip's size drawn from 'TxHxW,...' (frames/height/width then only
-      # set the sampling default); needs packing (config.packing). '' : every clip frames x height x width.
+      # set the sampling default); needs packing (config.packing) or buckets (config.buckets).
+      # '': every clip frames x height x width.
       sizes='',
   )
   # 'identity': pixel space. 'wan': a Wan 2.1 VAE from a diffusers folder, e.g. --config.autoencoder.kind=wan
@@ -156,7 +157,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Sequence packing (configs/shapes_native.py): row_length > 0 trains on rows of that many tokens,
   # each holding up to max_segments samples of any size (config.data.sizes); batch_size counts rows.
   # loss_weighting: 'sample' (every sample counts the same) or 'token' (every generated value does).
-  config.packing = dict(row_length=0, max_segments=16, loss_weighting='sample')
+  # block > 0: every sample starts at a multiple of `block` tokens, so attention works on blocks of one
+  # sample each and skips the rest of the row (layers.PackedLayout); 0: whole rows, masked.
+  config.packing = dict(row_length=0, max_segments=16, loss_weighting='sample', block=32)
+  # Buckets, the alternative to packing for config.data.sizes (sora_jax/data/buckets.py): each batch holds
+  # clips of one size, as many as fit in tokens_per_step patch tokens (batch_size is then unused); the step
+  # compiles once per size. 0: off.
+  config.buckets = dict(tokens_per_step=0)
   config.mesh = sharding.MESH_PRESETS[options.get('mesh', 'dp')]  # sizes; -1: the remaining devices
   config.sharding_rules = SHARDING_RULES
 

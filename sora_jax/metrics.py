@@ -6,12 +6,29 @@ Only process 0 writes. `metrics.jsonl` loads in a notebook with `pandas.read_jso
 import io
 import json
 import os
+import sys
 import time
 
 import numpy as np
 from absl import logging
 from PIL import Image
-from tensorboardX.proto import summary_pb2
+
+
+def _import_tensorboardx():
+  """tensorboardX, imported without torch: it imports torch when installed (1.3 s of every command's
+  start) only to accept torch tensors, and we hand it numpy."""
+  if 'torch' in sys.modules or 'tensorboardX' in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules['torch'] = None  # `import torch` raises ImportError: tensorboardX's fallback
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return tensorboardX
+
+
+summary_pb2 = _import_tensorboardx().proto.summary_pb2
 
 
 class Writer:
@@ -29,8 +46,7 @@ class Writer:
       path = os.path.join(workdir, 'metrics.jsonl')
       truncate_jsonl(path, resume_step)
       self._jsonl = open(path, 'a')
-      from tensorboardX import SummaryWriter  # pure Python; no TensorFlow
-      self._tb = SummaryWriter(workdir, purge_step=resume_step + 1)
+      self._tb = _import_tensorboardx().SummaryWriter(workdir, purge_step=resume_step + 1)  # no TensorFlow
 
   def scalars(self, step: int, scalars: dict):
     if not self.enabled:
@@ -117,5 +133,7 @@ def format_eta(seconds: float) -> str:
 def log_line(step: int, total: int, scalars: dict, progress: dict) -> None:
   parts = [f'step {step}/{total}'] + [f'{k}={v:.4g}' for k, v in scalars.items()]
   if progress:
-    parts += [f"{progress['steps_per_sec']:.2f} steps/s", f"ETA {format_eta(progress['eta_sec'])}"]
+    parts += [f"{progress['steps_per_sec']:.2f} steps/s"]
+    parts += [f"{progress['tokens_per_sec']:,.0f} tokens/s"] if 'tokens_per_sec' in progress else []
+    parts += [f"ETA {format_eta(progress['eta_sec'])}"]
   logging.info(' | '.join(parts))

@@ -21,7 +21,8 @@ from jax.experimental import multihost_utils
 from flax import nnx
 
 from sora_jax import UsageError, checkpoint, ensure_writable_dir, metrics, optim, sample, sharding, video
-from sora_jax.data import packing, pipeline
+from sora_jax.data import buckets, packing, pipeline
+from sora_jax.data import shapes as shapes_data
 from sora_jax.diffusion import frame_conditioning
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.eval import evaluator as evaluator_lib
@@ -63,7 +64,7 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
     raise UsageError(str(e)) from None
   batch_axes = dict(sharding.rules_tuple(config.sharding_rules)).get('act_batch') or ()
   batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-  dp = math.prod(sizes[a] for a in batch_axes)
+  dp = data_parallel_size(config, sizes)
   if config.batch_size % dp:
     raise UsageError(f'config.batch_size={config.batch_size} is not divisible by the data-parallel '
                      f'size {dp} (mesh axes {tuple(batch_axes)})')
@@ -124,7 +125,15 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   validate_frame_conditioning(config)
   evaluator_lib.validate(config)
   validate_packing(config)
+  validate_sizes(config, ae)
   return sizes
+
+
+def data_parallel_size(config, mesh_sizes: dict[str, int]) -> int:
+  """How many ways the batch is split: the product of the mesh axes of the 'act_batch' rule."""
+  batch_axes = dict(sharding.rules_tuple(config.sharding_rules)).get('act_batch') or ()
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+  return math.prod(mesh_sizes[a] for a in batch_axes)
 
 
 def frame_conditioning_on(config) -> bool:
@@ -227,10 +236,14 @@ def validate_packing(config) -> None:
           and p.max_segments > 0):
     raise UsageError(f'config.packing: row_length={p.row_length!r} and max_segments={p.max_segments!r} must be '
                      'positive integers')
+  block = p.get('block', 0)
+  if not (isinstance(block, int) and block >= 0 and (block == 0 or p.row_length % block == 0)):
+    raise UsageError(f'config.packing.block={block!r}: must be 0 (attention over whole rows) or a positive '
+                     f'integer dividing config.packing.row_length={p.row_length}')
   if p.get('loss_weighting', 'sample') not in ('sample', 'token'):
     raise UsageError(f'config.packing.loss_weighting={p.loss_weighting!r}: use "sample" or "token"')
   unsupported = [
-      (config.data.name != 'shapes', f'config.data.name={config.data.name!r} (packing reads "shapes" so far)'),
+      (config.data.name not in ('shapes', 'folder'), f'config.data.name={config.data.name!r} (packing reads clips: "shapes" or "folder")'),
       (config.autoencoder.kind != 'identity', f'config.autoencoder.kind={config.autoencoder.kind!r} (pixel space only)'),
       (text_lib.is_frozen(config) or dit.is_class_conditional(config.model), 'a frozen text encoder or class labels'),
       (frame_conditioning_on(config), 'config.frame_conditioning.probability > 0'),
@@ -240,6 +253,69 @@ def validate_packing(config) -> None:
   for bad, what in unsupported:
     if bad:
       raise UsageError(f'config.packing.row_length={p.row_length}: packed training does not support {what} yet')
+
+
+def buckets_on(config) -> bool:
+  """Whether batches group clips by size (`config.buckets.tokens_per_step` > 0; sora_jax/data/buckets.py)."""
+  return bool(config.get('buckets') and config.buckets.get('tokens_per_step'))
+
+
+def validate_sizes(config, autoencoder) -> None:
+  """Native sizes (`config.data.sizes`) need packing or buckets, and every size must fit the patch."""
+  sizes = config.data.get('sizes') or ''
+  if buckets_on(config):
+    n = config.buckets.tokens_per_step
+    if not isinstance(n, int) or n < 0:
+      raise UsageError(f'config.buckets.tokens_per_step={n!r}: must be a positive integer (0: off)')
+    if packing_on(config):
+      raise UsageError('config.buckets.tokens_per_step and config.packing.row_length are both set: '
+                       'choose buckets or packing (set the other to 0)')
+    if not sizes:
+      raise UsageError(f'config.buckets.tokens_per_step={n}: buckets need clips of several sizes '
+                       '(config.data.sizes, e.g. "1x32x32,8x32x56")')
+    unsupported = [
+        (config.data.name not in ('shapes', 'folder'), f'config.data.name={config.data.name!r}'),
+        (config.autoencoder.kind != 'identity', f'config.autoencoder.kind={config.autoencoder.kind!r} (pixel space only)'),
+        (frame_conditioning_on(config), 'config.frame_conditioning.probability > 0'),
+        (evaluator_lib.enabled(config), 'config.eval.every_steps > 0 (evaluation reads fixed-size clips)'),
+    ]
+    for bad, what in unsupported:
+      if bad:
+        raise UsageError(f'config.buckets.tokens_per_step={n}: bucketed training does not support {what} yet')
+  if not sizes:
+    return
+  if not (packing_on(config) or buckets_on(config)):
+    raise UsageError(f'config.data.sizes={sizes!r}: clips of several sizes need packing '
+                     '(config.packing.row_length > 0) or buckets (config.buckets.tokens_per_step > 0)')
+  for size in shapes_data.parse_sizes(sizes):
+    try:
+      sample.check_size(config, autoencoder, *size)
+    except UsageError as e:
+      raise UsageError(f'config.data.sizes: {"x".join(map(str, size))}: {e}') from None
+    if packing_on(config) and packing.tokens_of(size, config.model.patch) > config.packing.row_length:
+      raise UsageError(f'config.data.sizes: {"x".join(map(str, size))} is {packing.tokens_of(size, config.model.patch)} '
+                       f'patch tokens, more than config.packing.row_length={config.packing.row_length}')
+
+
+def packed_layout(config) -> tuple[int, int] | None:
+  """(block, window) of packed rows for `DiT.forward_packed`: samples start at multiples of
+  `config.packing.block` tokens and have at most `window` (the largest of `config.data.sizes`);
+  None (block 0): attention over whole rows, masked."""
+  block = config.packing.get('block', 0)
+  if not block:
+    return None
+  d = config.data
+  sizes = shapes_data.parse_sizes(d.sizes) if d.get('sizes') else [(d.frames, d.height, d.width)]
+  return block, max(packing.tokens_of(size, config.model.patch) for size in sizes)
+
+
+def real_tokens(config, autoencoder, local: dict) -> int:
+  """The patch tokens of a process's batch that are not padding (host arrays: no device sync)."""
+  if 'segment_s' in local:
+    return int(np.count_nonzero(local['segment_s']))
+  x = local['latent'] if 'latent' in local else local['video']
+  latent_thw = x.shape[1:4] if 'latent' in local else autoencoder.latent_shape(*x.shape[1:4])
+  return x.shape[0] * packing.tokens_of(latent_thw, config.model.patch)
 
 
 def frozen_params(config, autoencoder, text_encoder=None) -> dict:
@@ -314,11 +390,11 @@ def make_loss_and_grads(config, graphdef):
 
 def make_packed_loss_and_grads(config, graphdef):
   """(params, x0 [b, s, p], noise, t [b, n], segment_s, pos_s3, tokens [b, n, l], mask) -> (loss, grads)."""
-  obj = config.objective
+  obj, layout = config.objective, packed_layout(config)
 
   def loss_fn(params, x0, noise, t, segment, pos, tokens, mask):
     net = nnx.merge(graphdef, params)
-    apply = lambda x_t, t_bn: net.forward_packed(x_t, t_bn, segment, pos, tokens, mask)
+    apply = lambda x_t, t_bn: net.forward_packed(x_t, t_bn, segment, pos, tokens, mask, layout=layout)
     return rf.packed_loss(apply, x0, noise, t, segment, prediction_type=obj.prediction, min_t=obj.min_t,
                           weighting=config.packing.get('loss_weighting', 'sample'))[0]
 
@@ -579,28 +655,41 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
     # --- The loop. ---
     stream = source
     if packing_on(config):  # rows of several samples each, in a seeded order of their own
-      stream = packing.PackedRows(source, pipeline.token_counts(source, config.model.patch),
-                                  patch=config.model.patch, length=config.packing.row_length,
-                                  max_segments=config.packing.max_segments, seed=config.data.seed)
+      counts = [packing.tokens_of(size, config.model.patch) for size in pipeline.clip_sizes(source)]
+      stream = packing.PackedRows(source, counts, patch=config.model.patch, length=config.packing.row_length,
+                                  max_segments=config.packing.max_segments, seed=config.data.seed,
+                                  align=config.packing.get('block', 0) or 1)
       logging.info('packing: %d rows of %d tokens per epoch, %.3f of their tokens used (not padding)',
                    len(stream.epoch(0)), config.packing.row_length, stream.epoch_efficiency(0))
+    elif buckets_on(config):  # each batch one size, its batch size set by config.buckets.tokens_per_step
+      stream = buckets.BucketedBatches(source, pipeline.clip_sizes(source), patch=config.model.patch,
+                                       tokens_per_step=config.buckets.tokens_per_step,
+                                       multiple=data_parallel_size(config, sizes) * config.grad_accum_steps,
+                                       seed=config.data.seed, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+      logging.info('buckets: %s; %.0f tokens per step on average; %.3f of the clips in each epoch\'s batches',
+                   buckets.describe(stream), buckets.mean_tokens_per_step(stream), stream.epoch_usage(0))
     data_iter = pipeline.make_iterator(stream, global_batch_size=config.batch_size, seed=config.data.seed,
                                        max_text_len=config.data.max_text_len, start_step=start_step,
                                        process_index=jax.process_index(), process_count=jax.process_count(),
-                                       worker_count=config.data.worker_count, shuffle=not packing_on(config))
+                                       worker_count=config.data.worker_count, shuffle=not packing_on(config),
+                                       batched=buckets_on(config))
     writer = metrics.Writer(workdir, enabled=is_main, resume_step=start_step)
     progress = metrics.Progress(config.total_steps, start_step)
     lr_schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
     stop = StopSignal()
     pending = []  # device metrics not yet read: no host sync per step
     window = []  # host metrics since the last log line
+    window_tokens = 0  # real (not padding) patch tokens trained on since the last log line
     nonfinite_streak = 0
     check_every = min(config.log_every_steps, config.max_consecutive_nonfinite)
-    logging.info('training steps %d..%d, global batch %d', start_step, config.total_steps, config.batch_size)
+    logging.info('training steps %d..%d, global batch %s', start_step, config.total_steps,
+                 'by bucket' if buckets_on(config) else config.batch_size)
     done = start_step
     try:
       for step in range(start_step, config.total_steps):
         local = next(data_iter)
+        window_tokens += real_tokens(config, autoencoder, local) * jax.process_count()
         batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], local[k]) for k in batch_shardings}
         state, step_metrics = step_fn(state, batch, frozen)
         pending.append(step_metrics)
@@ -622,8 +711,10 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
           means['train/skipped_nonfinite'] *= len(window)  # a count, not a rate
           means['train/learning_rate'] = float(lr_schedule(done))
           means['data/skipped_records'] = source.skipped  # this process, since its start
-          window = []
           rate = progress.report(done)
+          if rate:  # per second of training, like steps/s (the first window, with the compile, has none)
+            rate['tokens_per_sec'] = window_tokens * rate['steps_per_sec'] / len(window)
+          window, window_tokens = [], 0
           writer.scalars(done, {**means, **{f'perf/{k}': v for k, v in rate.items()}})
           shown = {'loss': means['train/loss']}
           for key in ('train/skipped_nonfinite', 'data/skipped_records'):

@@ -104,3 +104,9 @@ def wan_vae_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp('wan_vae')
   save_random_wan_vae(path)
   return str(path)
+
+
+def pytest_collection_modifyitems(items):
+  """Slow (end-to-end) tests first: with `-n 2` the long ones then overlap and short ones fill the end,
+  instead of one worker running a two-minute test alone at the end of the session."""
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)  # stable: same order on every worker

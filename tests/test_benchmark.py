@@ -4,6 +4,9 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
+
 from tests.conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -11,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHONPATH = os.pathsep.join([ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
 
 
+@pytest.mark.slow
 def test_benchmark_prints_step_time_flops_and_mfu_of_the_real_step():
   env = subprocess_env(2, PYTHONPATH=PYTHONPATH)
   result = subprocess.run(
@@ -28,6 +32,7 @@ def test_benchmark_prints_step_time_flops_and_mfu_of_the_real_step():
   assert long['forward_flops_per_sample'] > 2 * short['forward_flops_per_sample'] * 0.9
 
 
+@pytest.mark.slow
 def test_analyze_only_shows_fsdp_dividing_the_state_per_device_without_allocating():
   env = subprocess_env(4, PYTHONPATH=PYTHONPATH)
   plans = {}

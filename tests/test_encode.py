@@ -23,6 +23,7 @@ def encode_flags():
   flags.FLAGS.shard_size, flags.FLAGS.encode_batch_size = saved
 
 
+@pytest.mark.slow
 def test_encoded_records_equal_the_encoders_and_a_dit_trains_and_samples_from_them(
     tiny_config, wan_vae_dir, t5_dirs, tmp_path, encode_flags):
   config = tiny_config

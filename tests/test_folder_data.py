@@ -250,3 +250,28 @@ def test_captions_csv_is_read_jsonl_wins_over_it_and_a_malformed_jsonl_line_is_a
   (tmp_path / 'captions.jsonl').write_text('{"file": "a.mp4", "caption": "jsonl wins"}\n{"file": "c.avi"\n')
   with pytest.raises(UsageError, match=r'captions.jsonl:2'):
     folder.read_captions(str(tmp_path), ['a.mp4'])
+
+
+def test_with_sizes_each_clip_keeps_its_framing_in_the_size_nearest_its_aspect_and_batches_in_buckets(clips, tmp_path):
+  from sora_jax.data import buckets
+  builder = folder.build(clips, str(tmp_path), frames=FRAMES, height=SIZE, width=SIZE, fps=FPS,
+                         sizes='5x16x16,5x16x24,5x24x16,1x16x16')
+  stats = builder.info.metadata
+  # landscape 64x48 clips -> wide, portrait -> tall; the 0.21 s clip is too short for 5 frames: an image
+  assert stats['clips_per_size'] == {'5x16x24': 2, '5x24x16': 2, '1x16x16': 1} and stats['skipped_too_short'] == 0
+  assert 'at 5x16x24' in folder.summary(builder)
+  videos = [r['video'] for r in records(builder)]
+  assert sorted(v.shape for v in videos) == sorted([(5, 16, 24, 3)] * 2 + [(5, 24, 16, 3)] * 2 + [(1, 16, 16, 3)])
+  for video in videos:  # the 16 x 16 marker square stays a square (6 x 6 after scaling): cropped, never stretched
+    h, w = video.shape[1:3]
+    center = video[0, h // 2, w // 2].astype(int)
+    color = min(MARKERS.values(), key=lambda c: np.abs(center - c).sum())
+    marker = np.abs(video[0].astype(int) - color).sum(-1) < 150
+    rows, cols = marker[:, w // 2].sum(), marker[h // 2].sum()
+    assert abs(int(rows) - int(cols)) <= 1, (video.shape, rows, cols)
+  config = data_config(folder=clips, data_dir=str(tmp_path), sizes='5x16x16,5x16x24,5x24x16,1x16x16')
+  source = pipeline.SkipBadRecords(pipeline.data_source(config, 'train'), max_text_len=24)
+  sizes = pipeline.clip_sizes(source)
+  stream = buckets.BucketedBatches(source, sizes, patch=(1, 8, 8), tokens_per_step=12, multiple=1, seed=0)
+  for k in range(4):
+    assert len({sizes[i] for i in stream.batch_examples(k)}) == 1 and stream[k]['video'].ndim == 5

@@ -311,6 +311,7 @@ def test_shapes_records_carry_the_class_of_their_caption(data_dir):
   assert labels <= set(range(84)) and len(labels) > 20
 
 
+@pytest.mark.slow
 def test_a_tiny_class_conditional_dit_trains_and_samples_its_classes(data_dir, tmp_path):
   """The trainer's label path end to end: labels from the data, dropped to the null class, samples per class."""
   from sora_jax import sample, train

@@ -127,6 +127,34 @@ def test_packed_segments_attend_only_to_themselves_exactly_as_each_alone(block):
     assert largest < 2 * 2 * 10 * 10
 
 
+def test_block_aligned_rows_attend_within_a_window_and_their_own_caption_as_the_masked_row_does():
+  rng = np.random.default_rng(3)
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  # Samples start at multiples of 4 tokens and have at most 8: rows of 24 tokens, 3 caption slots of 5.
+  segments = jnp.array([[1] * 7 + [0] + [2] * 3 + [0] + [3] * 8 + [0] * 4,
+                        [1] * 8 + [2] * 8 + [3] * 2 + [0] * 6])
+  layout = layers.PackedLayout(block=4, window=8, slots=3)
+  q, k, v = arr(2, 24, 2, 8), arr(2, 24, 2, 8), arr(2, 24, 2, 8)
+  text_k, text_v = arr(2, 15, 2, 8), arr(2, 15, 2, 8)
+  caption_mask = np.arange(5) < np.array([[5], [2], [4]])  # per slot
+  text_segment = jnp.asarray(np.where(caption_mask, np.arange(1, 4)[:, None], 0).reshape(1, 15).repeat(2, 0))
+  real = (segments > 0)[..., None, None]
+  pairs = [
+      (lambda q, k, v: layers.windowed_segment_attention(q, k, v, segments, layout),
+       lambda q, k, v: layers.segment_attention(q, k, v, segments, segments), (q, k, v)),
+      (lambda q, k, v: layers.slotted_cross_attention(q, k, v, segments, text_segment, layout),
+       lambda q, k, v: layers.segment_attention(q, k, v, segments, text_segment), (q, text_k, text_v)),
+  ]
+  for fast, reference, args in pairs:
+    np.testing.assert_allclose(jnp.where(real, fast(*args), 0), jnp.where(real, reference(*args), 0), atol=1e-6)
+    loss = lambda f: lambda *a: jnp.sum(jnp.where(real, f(*a), 0) ** 2)  # noqa: E731
+    for g, g_ref in zip(jax.grad(loss(fast), argnums=(0, 1, 2))(*args), jax.grad(loss(reference), argnums=(0, 1, 2))(*args)):
+      np.testing.assert_allclose(g, g_ref, atol=1e-5)
+  # No [s, s] (or [s, l]) scores: [s / block, block, window] at most.
+  jaxpr = str(jax.make_jaxpr(lambda q, k, v: layers.windowed_segment_attention(q, k, v, segments, layout))(q, k, v))
+  assert 'f32[2,2,24,24]' not in jaxpr and 'f32[12,2,4,8]' in jaxpr
+
+
 @pytest.mark.parametrize('sequence_parallel', ['all_to_all', 'gather_kv'])
 def test_sequence_parallel_segment_attention_equals_unsharded(sequence_parallel):
   from configs.shapes import SHARDING_RULES
@@ -134,9 +162,13 @@ def test_sequence_parallel_segment_attention_equals_unsharded(sequence_parallel)
   mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1, sequence=4))
   rng = np.random.default_rng(2)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32) for _ in range(3))
-  segments = jnp.array([[1] * 6 + [2] * 7 + [0] * 3, [1] * 3 + [2] * 3 + [3] * 10])  # crossing shard edges
+  segments = jnp.array([[1] * 6 + [2] * 7 + [0] * 3, [1] * 3 + [0] + [2] * 2 + [3] * 10])  # crossing shard edges
   plain = lambda q, k, v: layers.segment_attention(q, k, v, segments, segments)
-  sp = lambda q, k, v: layers.self_attention(q, k, v, sequence_parallel=sequence_parallel, segment_bs=segments)
+  # Block-aligned rows (samples start at multiples of 2 tokens, at most 10): the windowed path where
+  # a device holds whole rows (all-to-all), the masked one where it holds a share of the queries.
+  layout = layers.PackedLayout(block=2, window=10)
+  sp = lambda q, k, v: layers.self_attention(q, k, v, sequence_parallel=sequence_parallel, segment_bs=segments,
+                                             layout=layout)
   loss = lambda attend: lambda q, k, v: jnp.sum(jnp.where((segments > 0)[..., None, None], attend(q, k, v), 0) ** 2)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     spec = NamedSharding(mesh, P(('data', 'fsdp'), 'sequence', 'tensor'))

@@ -169,6 +169,7 @@ def test_packed_rows_stream_every_example_once_per_epoch_deterministically(tmp_p
   assert sum(counts) / (16 * n) > 0.8
 
 
+@pytest.mark.slow
 def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tmp_path):
   import os
   import sys

@@ -40,6 +40,7 @@ def test_a_nonfinite_step_leaves_params_moments_and_ema_unchanged(tiny_config):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state[key]), jax.device_get(state[key]))
 
 
+@pytest.mark.slow
 def test_consecutive_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
   config = tiny_config
   config.sample.prompts = ()
@@ -56,6 +57,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint(
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
 
 
+@pytest.mark.slow
 def test_a_preempted_run_resumes_to_the_uninterrupted_result_bit_for_bit(tiny_config, tmp_path, monkeypatch):
   from tests.test_train import assert_same_state, train_rows
   config = tiny_config
@@ -72,6 +74,7 @@ def test_a_preempted_run_resumes_to_the_uninterrupted_result_bit_for_bit(tiny_co
   assert_same_state(resumed, state_full)
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_config_is_refused_unless_overwrite(tiny_config, tmp_path):
   config = tiny_config
   config.sample.prompts = ()

@@ -31,6 +31,7 @@ def test_the_dit_takes_frozen_embeddings_and_honours_their_mask(t5_dirs):
     model(x, t, np.zeros((2, 12), np.int32), mask)
 
 
+@pytest.mark.slow
 def test_training_with_a_frozen_umt5_samples_with_a_negative_prompt(tiny_config, t5_dirs, tmp_path):
   config = t5_config(tiny_config, t5_dirs['umt5'])
   workdir = str(tmp_path / 'run')

@@ -180,6 +180,7 @@ def test_bad_config_is_a_one_line_error_naming_the_field(tiny_config, field, val
   assert '\n' not in str(e.value)
 
 
+@pytest.mark.slow
 def test_remat_and_gradient_accumulation_give_the_plain_gradients(tiny_config):
   from flax import nnx
   from sora_jax.models import dit

@@ -24,6 +24,7 @@ def vae_config(data_dir):
   return config
 
 
+@pytest.mark.slow
 def test_a_tiny_vae_overfits_one_batch(vae_config, data_dir):
   from tests.test_train import fixed_batch
   config = vae_config
@@ -44,6 +45,7 @@ def test_a_tiny_vae_overfits_one_batch(vae_config, data_dir):
   assert after > before + 6.0, (before, after)  # dB
 
 
+@pytest.mark.slow
 def test_the_vae_config_trains_evaluates_restores_and_serves_a_dit(vae_config, tmp_path):
   workdir = str(tmp_path / 'vae')
   trained = jax.device_get(train_vae.train_and_evaluate(vae_config, workdir))
@@ -87,6 +89,7 @@ def test_ssim_matches_a_scipy_reference_and_is_one_for_identical_clips():
   assert float(train_vae.ssim(x, y)[0]) > float(train_vae.ssim(x, np.clip(2 * y - x, -1, 1))[0])  # more noise
 
 
+@pytest.mark.slow
 def test_the_adversarial_term_starts_at_its_step_and_then_trains_both_networks(vae_config, tmp_path):
   from tests.test_train import fixed_batch
   config = vae_config

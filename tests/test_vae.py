@@ -87,6 +87,7 @@ def test_imports_that_do_not_fit_fail_naming_the_tensor_or_field(wan_vae_dir, tm
     vae_convert.load_wan(str(tmp_path / 'wide'))
 
 
+@pytest.mark.slow
 def test_a_dit_trains_and_samples_in_the_latent_of_an_imported_vae(tiny_config, wan_vae_dir, tmp_path):
   from sora_jax import sample, train
   config = tiny_config

@@ -13,6 +13,10 @@ timestamp is nearest to start + i / fps, so any source frame rate works and moti
 real speed. Frames are shown as a player would (rotation metadata applied, non-square pixels
 widened), scaled to cover height x width and center-cropped: never stretched.
 
+With `sizes` ('TxHxW,...', e.g. '16x32x32,16x32x56,16x56x32,1x32x32'), each clip keeps its framing
+instead: it gets the size whose aspect ratio is nearest its own (then the longest duration it has),
+and is cut to it as above, so clips of several sizes train in buckets or packed (see `choose_size`).
+
 Bad input is skipped and counted, never fatal: unreadable files (corrupt, truncated, not a video)
 and clips shorter than the requested duration. The counts and the file names are logged and
 saved in the dataset's `metadata.json` (also `builder.info.metadata`).
@@ -24,6 +28,7 @@ instead of silently reusing stale records, and differently sized versions live s
 """
 
 import csv
+import math
 import dataclasses
 import hashlib
 import json
@@ -195,6 +200,28 @@ def read_frames(path: str, *, frames: int, fps: float) -> tuple[list, float] | N
     return None if picked is None else (picked, float(stream.sample_aspect_ratio or 1) or 1.0)
 
 
+def display_aspect(frame, pixel_aspect: float) -> float:
+  """Width / height of a decoded frame as a player shows it (non-square pixels, rotation metadata)."""
+  aspect = frame.width * pixel_aspect / frame.height
+  quarter_turns = round((getattr(frame, 'rotation', 0) or 0) / 90) % 4
+  return 1 / aspect if quarter_turns % 2 else aspect
+
+
+def choose_size(path: str, sizes: list, fps: float) -> tuple[int, int, int] | None:
+  """The (T, H, W) of `sizes` a clip is cut to: the one whose aspect ratio (W / H) is nearest the clip's
+  (in log ratio, so 2:1 and 1:2 are equally far from 1:1), among those the clip is long enough for; ties
+  go to more frames, then more pixels. None when it is too short for every size. Raises when unreadable."""
+  for frames in sorted({size[0] for size in sizes}, reverse=True):  # decodes only the clip's start
+    read = read_frames(path, frames=frames, fps=fps)
+    if read is not None:
+      break
+  else:
+    return None
+  aspect = display_aspect(read[0][0], read[1])
+  return min((size for size in sizes if size[0] <= frames),
+             key=lambda s: (round(abs(math.log(aspect * s[1] / s[2])), 6), -s[0], -s[1] * s[2]))
+
+
 def decode_clip(path: str, *, frames: int, height: int, width: int, fps: float) -> np.ndarray | None:
   """uint8 [frames, height, width, 3]: the first `frames` frames at `fps`, upright, fitted (see
   `fit`); None when the video is too short. Raises when the file is unreadable."""
@@ -223,20 +250,31 @@ class FolderConfig(tfds.core.BuilderConfig):
   width: int = 64
   fps: float = 8.0
   validation_fraction: float = 0.05
+  sizes: str = ''  # 'TxHxW,...': each clip cut to the size nearest its aspect ratio (frames/height/width unused)
 
 
 def make_config(folder: str, *, frames: int, height: int, width: int, fps: float,
-                validation_fraction: float = 0.05) -> FolderConfig:
+                validation_fraction: float = 0.05, sizes: str = '') -> FolderConfig:
   """A config whose name records the folder (name and fingerprint) and every parameter."""
   if min(frames, height, width) < 1 or not fps > 0 or not 0 <= validation_fraction < 1:
     raise UsageError(f'{folder}: need frames, height, width >= 1, fps > 0 and 0 <= validation_fraction < 1; '
                      f'got {frames}, {height}, {width}, {fps}, {validation_fraction}')
   folder = os.path.abspath(folder)
   slug = re.sub(r'[^A-Za-z0-9]+', '_', os.path.basename(folder)).strip('_')[:40] or 'folder'
-  name = (f'{slug}_{fingerprint(folder, find_clips(folder))}_f{frames}_h{height}_w{width}_fps{fps:g}'
-          f'_val{validation_fraction:g}')
+  shape = f'f{frames}_h{height}_w{width}'
+  if sizes:  # canonical spelling, so equal lists share a dataset
+    from sora_jax.data.shapes import parse_sizes  # pylint: disable=g-import-not-at-top
+    sizes = ','.join('x'.join(map(str, size)) for size in parse_sizes(sizes))
+    shape = 'sizes_' + sizes.replace(',', '-')
+  name = f'{slug}_{fingerprint(folder, find_clips(folder))}_{shape}_fps{fps:g}_val{validation_fraction:g}'
   return FolderConfig(name=name, folder=folder, frames=frames, height=height, width=width, fps=fps,
-                      validation_fraction=validation_fraction)
+                      validation_fraction=validation_fraction, sizes=sizes or '')
+
+
+def config_sizes(c: FolderConfig) -> list[tuple[int, int, int]]:
+  """The sizes clips are cut to: `c.sizes`, or the one frames x height x width."""
+  from sora_jax.data.shapes import parse_sizes  # pylint: disable=g-import-not-at-top
+  return parse_sizes(c.sizes) if c.sizes else [(c.frames, c.height, c.width)]
 
 
 class VideoFolder(tfds.core.GeneratorBasedBuilder):
@@ -251,7 +289,8 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=__doc__,
         features=tfds.features.FeaturesDict({
-            'video': tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3), dtype=np.uint8),
+            'video': (tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8, encoding='bytes')
+                      if c.sizes else tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3), dtype=np.uint8)),
             'caption': tfds.features.Text(),
         }),
         metadata=tfds.core.MetadataDict(),  # the build counts; saved as metadata.json after the build
@@ -268,21 +307,24 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
     captions = read_captions(c.folder, clips)
     stats = self.info.metadata  # saved as metadata.json once the records are written
     stats.update(folder=c.folder, clips_found=len(clips), read_ok=0, skipped_unreadable=0, skipped_too_short=0,
-                 no_caption=0, unreadable_files={}, too_short_files=[], no_caption_files=[])
-    readable = []
+                 no_caption=0, unreadable_files={}, too_short_files=[], no_caption_files=[], clips_per_size={})
+    readable, size_of = [], {}
     for clip in clips:
       try:
-        long_enough = read_frames(os.path.join(c.folder, clip), frames=c.frames, fps=c.fps) is not None
+        size = choose_size(os.path.join(c.folder, clip), config_sizes(c), c.fps)
       except Exception as e:  # noqa: BLE001 -- a bad file is skipped and counted, never fatal
         stats['skipped_unreadable'] += 1
         stats['unreadable_files'][clip] = f'{type(e).__name__}: {e}'[:200]
         logging.warning('%s: skipping unreadable %s: %s: %s', c.folder, clip, type(e).__name__, e)
         continue
-      if not long_enough:
+      if size is None:
         stats['skipped_too_short'] += 1
         stats['too_short_files'].append(clip)
         continue
       readable.append(clip)
+      size_of[clip] = size
+      name = 'x'.join(map(str, size))
+      stats['clips_per_size'][name] = stats['clips_per_size'].get(name, 0) + 1
       if clip not in captions:
         stats['no_caption'] += 1
         stats['no_caption_files'].append(clip)
@@ -290,34 +332,37 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
     if not readable:
       raise UsageError(f'{c.folder}: no readable clip among {len(clips)} video files ({stats["skipped_unreadable"]} '
                        f'unreadable, {stats["skipped_too_short"]} shorter than {min_duration(c):.2f} s)')
-    return {split: self._generate_examples(split_clips, captions)
+    return {split: self._generate_examples(split_clips, captions, size_of)
             for split, split_clips in assign_splits(readable, c.validation_fraction).items() if split_clips}
 
-  def _generate_examples(self, clips: list[str], captions: dict[str, str]):
+  def _generate_examples(self, clips: list[str], captions: dict[str, str], size_of: dict[str, tuple]):
     c = self.builder_config
     for clip in clips:
-      video = decode_clip(os.path.join(c.folder, clip), frames=c.frames, height=c.height, width=c.width, fps=c.fps)
+      frames, height, width = size_of[clip]
+      video = decode_clip(os.path.join(c.folder, clip), frames=frames, height=height, width=width, fps=c.fps)
       if video is None:  # it was long enough a moment ago: the folder changed during the build
         raise UsageError(f'{c.folder}: {clip} changed while the dataset was being built')
       yield clip, {'video': video, 'caption': captions.get(clip, '')}
 
 
 def min_duration(c: FolderConfig) -> float:
-  """Seconds of video a clip needs: its last frame is at (frames - 1) / fps."""
-  return (c.frames - 1) / c.fps
+  """Seconds of video a clip needs: its last frame is at (frames - 1) / fps (the shortest size's)."""
+  return (min(size[0] for size in config_sizes(c)) - 1) / c.fps
 
 
 def summary(builder: VideoFolder) -> str:
   """One line of build counts, for logs and error messages."""
   s = builder.info.metadata
   splits = ', '.join(f'{name} {split.num_examples}' for name, split in builder.info.splits.items())
+  per_size = ', '.join(f'{n} at {size}' for size, n in sorted(s.get('clips_per_size', {}).items()))
+  splits += f'; {per_size}' if builder.builder_config.sizes else ''
   return (f'{s["read_ok"]} of {s["clips_found"]} clips read ({splits}); skipped {s["skipped_unreadable"]} '
           f'unreadable, {s["skipped_too_short"]} too short (under {min_duration(builder.builder_config):.2f} s); '
           f'{s["no_caption"]} without a caption (kept with ""); file names in {builder.data_dir}/metadata.json')
 
 
 def build(folder: str, data_dir: str | None, *, frames: int, height: int, width: int, fps: float,
-          validation_fraction: float = 0.05) -> VideoFolder:
+          validation_fraction: float = 0.05, sizes: str = '') -> VideoFolder:
   """Builds (once per folder content and parameters) and returns the builder of `folder`'s clips.
   A UsageError naming the folder when it does not exist or has no usable clip."""
   if not os.path.isdir(folder):
@@ -325,7 +370,8 @@ def build(folder: str, data_dir: str | None, *, frames: int, height: int, width:
   if not find_clips(folder):
     raise UsageError(f'{folder}: no video files ({" ".join(VIDEO_SUFFIXES)}) in this folder')
   builder = VideoFolder(config=make_config(folder, frames=frames, height=height, width=width, fps=fps,
-                                           validation_fraction=validation_fraction), data_dir=data_dir)
+                                           validation_fraction=validation_fraction, sizes=sizes),
+                        data_dir=data_dir)
   if not builder.is_prepared():
     builder.download_and_prepare(file_format='array_record')
     stats = builder.info.metadata

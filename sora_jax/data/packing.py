@@ -22,8 +22,15 @@ def tokens_of(shape_thw: tuple[int, int, int], patch: tuple[int, int, int]) -> i
   return math.prod(n // p for n, p in zip(shape_thw, patch))
 
 
-def pack(latents: list, patch: tuple[int, int, int], length: int, max_segments: int | None = None) -> dict:
-  """One row: `latents` (each [T, H, W, c], any T, H, W the patch divides) packed in order.
+def aligned(tokens: int, align: int) -> int:
+  """The row tokens a sample of `tokens` takes when samples start at multiples of `align`."""
+  return -(-tokens // align) * align
+
+
+def pack(latents: list, patch: tuple[int, int, int], length: int, max_segments: int | None = None,
+         align: int = 1) -> dict:
+  """One row: `latents` (each [T, H, W, c], any T, H, W the patch divides) packed in order, each
+  starting at a multiple of `align` tokens (the attention's query block: `layers.PackedLayout`).
 
   -> x_sp [length, p] float32 (padding 0), segment_s int32 [length] (1..n, 0 padding),
      pos_s3 int32 [length, 3] (padding 0), grids [(t, h, w)] per sample (to unpack outputs).
@@ -36,7 +43,7 @@ def pack(latents: list, patch: tuple[int, int, int], length: int, max_segments: 
     if any(n % p for n, p in zip(x.shape[:3], patch)):
       raise ValueError(f'patch {tuple(patch)} does not divide a sample of shape {x.shape[:3]}')
     grids.append(tuple(n // p for n, p in zip(x.shape[:3], patch)))
-  used = sum(math.prod(g) for g in grids)
+  used = sum(aligned(math.prod(g), align) for g in grids[:-1]) + (math.prod(grids[-1]) if grids else 0)
   if used > length:
     raise ValueError(f'{len(latents)} samples need {used} tokens, more than the row length {length}')
   values = math.prod(patch) * latents[0].shape[-1]
@@ -49,11 +56,11 @@ def pack(latents: list, patch: tuple[int, int, int], length: int, max_segments: 
     x_sp[start:end] = patchify(np.asarray(x, np.float32)[None], patch)[0]
     segment_s[start:end] = i + 1
     pos_s3[start:end] = grid_positions(grid)
-    start = end
+    start = aligned(end, align)
   return dict(x_sp=x_sp, segment_s=segment_s, pos_s3=pos_s3, grids=grids)
 
 
-def unpack(y_sp: np.ndarray, grids: list, patch: tuple[int, int, int], channels: int) -> list:
+def unpack(y_sp: np.ndarray, grids: list, patch: tuple[int, int, int], channels: int, align: int = 1) -> list:
   """The samples [T, H, W, c] of one packed row's tokens [length, p] (inverse of `pack`)."""
   out, start = [], 0
   pt, ph, pw = patch
@@ -61,23 +68,24 @@ def unpack(y_sp: np.ndarray, grids: list, patch: tuple[int, int, int], channels:
     end = start + t * h * w
     x = np.asarray(y_sp[start:end]).reshape(t, h, w, pt, ph, pw, channels).transpose(0, 3, 1, 4, 2, 5, 6)
     out.append(x.reshape(t * pt, h * ph, w * pw, channels))
-    start = end
+    start = aligned(end, align)
   return out
 
 
-def plan_rows(token_counts, length: int, max_segments: int, open_rows: int = 16) -> list[list[int]]:
+def plan_rows(token_counts, length: int, max_segments: int, open_rows: int = 16, align: int = 1) -> list[list[int]]:
   """Which samples go in which row: [[sample index, ...], ...], every sample once, in a fixed order.
 
   First fit over a window of `open_rows` rows: each sample (in the given order, e.g. an epoch's
-  shuffled order) goes to the first open row with room for its tokens and a free slot (of
-  `max_segments`), else opens a row; when more than `open_rows` are open, the fullest is closed.
-  Deterministic, so a step's rows are a function of the order alone. Raises ValueError for a
-  sample longer than a row.
+  shuffled order) goes to the first open row with room for its tokens (rounded up to a multiple of
+  `align`: see `pack`) and a free slot (of `max_segments`), else opens a row; when more than
+  `open_rows` are open, the fullest is closed. Deterministic, so a step's rows are a function of
+  the order alone. Raises ValueError for a sample longer than a row.
   """
   rows, open_ = [], []  # open_: [[used tokens, [indices]], ...]
   for i, n in enumerate(token_counts):
     if n > length:
       raise ValueError(f'sample {i} has {n} tokens, more than the row length {length}')
+    n = aligned(int(n), align)  # (a multiple of align when the length is)
     for row in open_:
       if row[0] + n <= length and len(row[1]) < max_segments:
         row[0] += n
@@ -111,8 +119,9 @@ class PackedRows:
   (unused slots: all False), 'frames_n' int32 [max_segments] (0: unused slot)}.
   """
 
-  def __init__(self, source, token_counts, *, patch, length: int, max_segments: int, seed: int):
+  def __init__(self, source, token_counts, *, patch, length: int, max_segments: int, seed: int, align: int = 1):
     self.source, self.patch, self.length, self.max_segments, self.seed = source, tuple(patch), length, max_segments, seed
+    self.align = align  # each sample starts at a multiple of align tokens (see `pack`)
     self.counts = np.asarray(token_counts)
     self._epochs = []  # per epoch: its rows (lists of example indices)
     self._starts = [0]  # the stream index of each epoch's first row
@@ -129,7 +138,8 @@ class PackedRows:
     """Epoch e's rows: lists of example indices."""
     while len(self._epochs) <= e:
       order = np.random.default_rng([self.seed, len(self._epochs)]).permutation(len(self.counts))
-      rows = [[int(order[i]) for i in row] for row in plan_rows(self.counts[order], self.length, self.max_segments)]
+      rows = [[int(order[i]) for i in row] for row in plan_rows(self.counts[order], self.length, self.max_segments,
+                                                                            align=self.align)]
       self._epochs.append(rows)
       self._starts.append(self._starts[-1] + len(rows))
     return self._epochs[e]
@@ -145,7 +155,7 @@ class PackedRows:
     examples = [self.source[i] for i in self.row_examples(int(r))]
     xs = [np.asarray(x['latent'], np.float32) if 'latent' in x else x['video'].astype(np.float32) / 127.5 - 1.0
           for x in examples]
-    row = pack(xs, self.patch, self.length, self.max_segments)
+    row = pack(xs, self.patch, self.length, self.max_segments, self.align)
     l = examples[0]['tokens'].shape[0]
     tokens = np.zeros((self.max_segments, l), np.int32)
     mask = np.zeros((self.max_segments, l), bool)

@@ -155,7 +155,8 @@ def _folder_source(data_config, split: str):
   try:
     builder = folder.build(clips, data_config.data_dir, frames=data_config.frames, height=data_config.height,
                            width=data_config.width, fps=data_config.get('fps', 8),
-                           validation_fraction=data_config.get('validation_fraction', 0.05))
+                           validation_fraction=data_config.get('validation_fraction', 0.05),
+                           sizes=data_config.get('sizes') or '')
   except OSError as e:
     raise UsageError(f'config.data.data_dir={data_config.data_dir!r}: cannot build or read the dataset '
                      f'there: {e.strerror or e}') from None
@@ -165,30 +166,34 @@ def _folder_source(data_config, split: str):
                           data_dir=str(builder.data_dir_root))
 
 
-def token_counts(source, patch) -> list[int]:
-  """Each example's number of patch tokens (reads every record once: seconds for `shapes`)."""
-  from sora_jax.data import packing  # pylint: disable=g-import-not-at-top (packing imports the DiT)
-  return [packing.tokens_of(source[i]['video'].shape[:3], patch) for i in range(len(source))]
+def clip_sizes(source) -> list[tuple[int, int, int]]:
+  """Each example's (T, H, W) (reads every record once: seconds for `shapes`)."""
+  return [tuple(source[i]['video'].shape[:3]) for i in range(len(source))]
 
 
 def make_iterator(source, *, global_batch_size: int, seed: int, max_text_len: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1, worker_count: int = 0, shuffle: bool = True):
+                  process_index: int = 0, process_count: int = 1, worker_count: int = 0, shuffle: bool = True,
+                  batched: bool = False):
   """This process's batches for steps start_step, start_step + 1, ... (an endless iterator).
 
   Each is `global_batch_size / process_count` examples (numpy dicts), this process's contiguous
   share of the step's global batch; see the module docstring. Unreadable records are replaced
-  (see `SkipBadRecords`).
+  (see `SkipBadRecords`). `shuffle=False`: `source` is an endless stream already in its order
+  (packed rows); `batched`: its item k is already this process's batch of step k (buckets).
   """
   if global_batch_size % process_count:
     raise UsageError(f'config.batch_size={global_batch_size} does not split over {process_count} processes')
-  if not shuffle:  # an endless stream already in its order (packed rows: sora_jax.data.packing)
-    ds = grain.MapDataset.source(source)
+  if batched:  # sora_jax.data.buckets: item k is this process's batch of step k, sized by its bucket
+    ds = grain.MapDataset.source(source)[start_step:]
   else:
-    if not isinstance(source, SkipBadRecords):
-      source = SkipBadRecords(source, max_text_len)
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()  # reshuffled every epoch
-  ds = ds.batch(global_batch_size // process_count)  # [i * b, (i + 1) * b) of the stream
-  ds = ds[process_index::process_count][start_step:]  # step k: local batch k * P + p
+    if not shuffle:  # an endless stream already in its order (packed rows: sora_jax.data.packing)
+      ds = grain.MapDataset.source(source)
+    else:
+      if not isinstance(source, SkipBadRecords):
+        source = SkipBadRecords(source, max_text_len)
+      ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()  # reshuffled every epoch
+    ds = ds.batch(global_batch_size // process_count)  # [i * b, (i + 1) * b) of the stream
+    ds = ds[process_index::process_count][start_step:]  # step k: local batch k * P + p
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
   if worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))

@@ -109,18 +109,19 @@ class DiTBlock(nnx.Module):
     self.modulation = layers.Dense(dim, 6 * dim, ('embed', 'mlp'), rngs=rngs, zero=True, dtype=dtype)
 
   def __call__(self, x_bsd, c_bd, pos_bs3, text_bld=None, text_mask_bl=None, segment_bs=None,
-               text_segment_bl=None):
+               text_segment_bl=None, layout=None):
     """Packed rows (see `DiT.forward_packed`): c [b, n, d] per segment, segment_bs [b, s] (1..n, 0
-    padding), text_segment_bl [b, l] the segment of each text token (0 padding)."""
+    padding), text_segment_bl [b, l] the segment of each text token (0 padding), `layout` how the
+    rows are laid out (`layers.PackedLayout`) or None."""
     mod = per_token(self.modulation(jax.nn.silu(c_bd)), segment_bs)  # [b, 6d] or [b, s, 6d]
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, -1)
     gate1, gate2 = (g[:, None] if g.ndim == 2 else g for g in (gate1, gate2))
     h = self.self_attn(layers.modulate(layers.layer_norm(x_bsd), shift1, scale1),
-                       pos_bsa=pos_bs3 if self.rope else None, segment_bs=segment_bs)
+                       pos_bsa=pos_bs3 if self.rope else None, segment_bs=segment_bs, layout=layout)
     x_bsd = x_bsd + gate1 * h
     if self.cross_attention:
       x_bsd = x_bsd + self.cross_attn(self.cross_norm(x_bsd), context_bld=text_bld, mask_bl=text_mask_bl,
-                                      segment_bs=segment_bs, context_segment_bl=text_segment_bl)
+                                      segment_bs=segment_bs, context_segment_bl=text_segment_bl, layout=layout)
     h = self.mlp(layers.modulate(layers.layer_norm(x_bsd), shift2, scale2))
     x_bsd = x_bsd + gate2 * h
     return constrain(x_bsd, ('act_batch', 'act_seq', 'act_embed'))
@@ -295,7 +296,7 @@ class DiT(nnx.Module):
 
 
   def forward_packed(self, x_bsp, t_bn, segment_bs, pos_bs3, tokens_bnl=None, token_mask_bnl=None, *,
-                     text_bnld=None, text_mask_bnl=None, frame_mask_bsk=None):
+                     text_bnld=None, text_mask_bnl=None, frame_mask_bsk=None, layout=None):
     """Packed rows of a text DiT: the patch tokens of up to n samples (clips or images of any size).
 
     x_bsp [b, s, p] patch values (`patchify` of each sample, concatenated, then padding);
@@ -305,7 +306,10 @@ class DiT(nnx.Module):
     frame_mask_bsk bool [b, s, patch_t] the given frames inside each token (frame conditioning).
     Self-attention stays inside a sample, cross-attention goes to its own caption, and the
     timestep and caption modulate its tokens only: each sample's output equals `__call__` on it
-    alone. -> prediction [b, s, p] (padding tokens: garbage, for the loss to skip).
+    alone. `layout` (block, window): every sample starts at a multiple of `block` tokens (`packing.pack(
+    align=block)`) and has at most `window`, so attention skips other samples' tokens
+    (`layers.PackedLayout`); None attends over whole rows, masked (any layout).
+    -> prediction [b, s, p] (padding tokens: garbage, for the loss to skip).
     Class-conditional DiTs are not packed yet (their images use DiT's 2D position table).
     """
     if self.conditioning == 'class':
@@ -336,7 +340,8 @@ class DiT(nnx.Module):
     text_bld = text_xld.reshape(b, n * l, -1)
     slot_bnl = jnp.broadcast_to(jnp.arange(1, n + 1)[None, :, None], (b, n, l))
     text_segment_bl = jnp.where(mask_xl.reshape(b, n, l), slot_bnl, 0).reshape(b, n * l)
-    apply = lambda block, *args: block(*args)
+    layout = None if layout is None else layers.PackedLayout(*tuple(layout)[:2], slots=n)
+    apply = lambda block, *args: block(*args, layout=layout)  # static: bound here, not traced by remat
     if self.remat != 'none':
       apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
     for block in self.blocks:

@@ -5,6 +5,7 @@ Parameters are float32; each layer computes in `dtype` (float32 or bfloat16).
 """
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -160,8 +161,62 @@ def segment_attention(q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl, *, bl
   return out.swapaxes(0, 1).reshape(b, s + pad, n, k)[:, :s]
 
 
+class PackedLayout(NamedTuple):
+  """How packed rows are laid out, so attention can skip other samples' tokens: every sample starts
+  at a multiple of `block` tokens (`packing.pack(align=block)`) and has at most `window` tokens;
+  the context (captions) is `slots` equal slots, slot i the caption of segment i + 1."""
+  block: int
+  window: int
+  slots: int = 0
+
+
+def windowed_segment_attention(q_bsnk, k_bsnk, v_bsnk, segment_bs, layout: PackedLayout):
+  """Self-attention inside the segments of packed rows laid out as `layout` says (queries and keys
+  are the same tokens). A block of `layout.block` queries holds one sample's tokens (and padding),
+  so it attends to the `layout.window` keys from that sample's first token on: [s / block, block,
+  window] scores instead of `segment_attention`'s [s, s], and the same result.
+  """
+  b, s, n, k = q_bsnk.shape
+  block, window = layout.block, min(layout.window, s)
+  blocks = s // block
+  first_bs = jnp.concatenate([jnp.ones((b, 1), bool), segment_bs[:, 1:] != segment_bs[:, :-1]], axis=1)
+  start_bs = jax.lax.cummax(jnp.where(first_bs, jnp.arange(s), 0), axis=1)  # each token's run start
+  start_bq = start_bs[:, ::block]  # [b, blocks]
+  take = lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, window, axis=0)  # clamped to fit: still covers it
+  window_of = jax.vmap(jax.vmap(take, (None, 0)), (0, 0))  # [b, s, ...], [b, blocks] -> [b, blocks, window, ...]
+  k_w, v_w, seg_w = window_of(k_bsnk, start_bq), window_of(v_bsnk, start_bq), window_of(segment_bs, start_bq)
+  seg_q = segment_bs.reshape(b, blocks, block)
+  mask = (seg_q[..., :, None] == seg_w[..., None, :]) & (seg_q[..., :, None] > 0)  # [b, blocks, block, window]
+  out = jax.nn.dot_product_attention(q_bsnk.reshape(b * blocks, block, n, k), k_w.reshape(b * blocks, window, n, k),
+                                     v_w.reshape(b * blocks, window, n, k),
+                                     mask=mask.reshape(b * blocks, 1, block, window))
+  return out.reshape(b, s, n, k)
+
+
+def slotted_cross_attention(q_bsnk, k_blnk, v_blnk, segment_bs, context_segment_bl, layout: PackedLayout):
+  """Cross-attention of packed rows laid out as `layout` says to their samples' captions: a block
+  of queries (one sample's) attends to its own caption slot's l / slots keys, not to all l.
+  context_segment_bl [b, l]: slot i's tokens are i + 1 where real, 0 where padding. Equal to
+  `segment_attention(q, k, v, segment_bs, context_segment_bl)`.
+  """
+  b, s, n, k = q_bsnk.shape
+  block, slots = layout.block, layout.slots
+  blocks, per_slot = s // block, k_blnk.shape[1] // slots
+  sample_bq = segment_bs[:, ::block]  # [b, blocks]: 1..slots, 0 for a padding block
+  slot_bq = jnp.maximum(sample_bq - 1, 0)
+  pick = lambda x: jnp.take_along_axis(x.reshape(b, slots, per_slot, *x.shape[2:]),
+                                       slot_bq.reshape(b, blocks, *(1,) * (x.ndim - 1)), axis=1)
+  k_c, v_c, seg_c = pick(k_blnk), pick(v_blnk), pick(context_segment_bl)  # [b, blocks, per_slot, ...]
+  seg_q = segment_bs.reshape(b, blocks, block)
+  mask = (seg_q[..., :, None] == seg_c[..., None, :]) & (seg_q[..., :, None] > 0)  # [b, blocks, block, per_slot]
+  out = jax.nn.dot_product_attention(q_bsnk.reshape(b * blocks, block, n, k),
+                                     k_c.reshape(b * blocks, per_slot, n, k), v_c.reshape(b * blocks, per_slot, n, k),
+                                     mask=mask.reshape(b * blocks, 1, block, per_slot))
+  return out.reshape(b, s, n, k)
+
+
 def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
-                   sequence_parallel: str = 'all_to_all', segment_bs=None):
+                   sequence_parallel: str = 'all_to_all', segment_bs=None, layout: PackedLayout | None = None):
   """Self-attention over spacetime tokens that may be sharded on the mesh's 'sequence' axis.
 
   With the tokens ('act_seq') sharded over n devices, each device holds s/n queries, keys and values:
@@ -172,7 +227,8 @@ def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
   - 'gather_kv': queries stay put, keys and values are all-gathered (n-1 times more traffic).
   - 'xla': no explicit collectives; the compiler chooses (it gathers keys and values).
   All three equal unsharded attention. mask_bs: [b, s] True where a key is real (padding).
-  segment_bs: [b, s] segment ids of packed rows (0: padding) instead of a mask: `segment_attention`.
+  segment_bs: [b, s] segment ids of packed rows (0: padding) instead of a mask: `segment_attention`,
+  or with a `layout`, `windowed_segment_attention` (where the queries are whole rows).
   """
   if segment_bs is not None and mask_bs is not None:
     raise ValueError('give a key mask or segment ids, not both (segment 0 is padding)')
@@ -180,6 +236,8 @@ def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
   def plain(q, k, v, m, q_seg=None):  # m: the mask, or the keys' segment ids
     if segment_bs is None:
       return attend(q, k, v, m, implementation)
+    if layout is not None and q_seg is None and q.shape[1] % layout.block == 0:
+      return windowed_segment_attention(q, k, v, m, layout)
     return segment_attention(q, k, v, m if q_seg is None else q_seg, m)
 
   extra = mask_bs if segment_bs is None else segment_bs
@@ -250,12 +308,13 @@ class Attention(nnx.Module):
     # nnx.Intermediate 'attention_weights' (analysis only: it materialises them; see eval/analysis.py)
 
   def __call__(self, x_bsd, *, context_bld=None, mask_bl=None, pos_bsa=None, segment_bs=None,
-               context_segment_bl=None):
+               context_segment_bl=None, layout: PackedLayout | None = None):
     """mask_bl: [b, l] True where a key is real; pos_bsa: positions for RoPE (self-attention).
 
     Packed rows: segment_bs [b, s] the queries' segment ids (0: padding); a query sees the keys of
     its own segment only: the tokens' own (self-attention), or `context_segment_bl` [b, l] of the
-    context's tokens (cross-attention; 0 for padding tokens, then no `mask_bl`).
+    context's tokens (cross-attention; 0 for padding tokens, then no `mask_bl`). `layout`: how the
+    rows are laid out, for attention that skips other samples (`PackedLayout`).
     """
     dt = self.dtype
     kv_in = x_bsd if context_bld is None else context_bld
@@ -276,11 +335,14 @@ class Attention(nnx.Module):
       self.sow(nnx.Intermediate, 'attention_weights', jax.nn.softmax(logits, axis=-1))
     if context_bld is None and self.query_axis == 'act_seq':
       out = self_attention(q, k, v, mask_bl, implementation=self.implementation,
-                           sequence_parallel=self.sequence_parallel, segment_bs=segment_bs)
+                           sequence_parallel=self.sequence_parallel, segment_bs=segment_bs, layout=layout)
     elif segment_bs is not None:
       if context_segment_bl is None or mask_bl is not None:
         raise ValueError('packed cross-attention takes context_segment_bl (0 for padding) and no mask_bl')
-      out = segment_attention(q, k, v, segment_bs, context_segment_bl)
+      if layout is not None and layout.slots and q.shape[1] % layout.block == 0:
+        out = slotted_cross_attention(q, k, v, segment_bs, context_segment_bl, layout)
+      else:
+        out = segment_attention(q, k, v, segment_bs, context_segment_bl)
     else:
       out = attend(q, k, v, mask_bl, self.implementation)
     return jnp.einsum('bsnk,nkd->bsd', out, self.wo.astype(dt)) + self.bo.astype(dt)
