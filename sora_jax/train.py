@@ -537,7 +537,7 @@ RESUMABLE_CHANGES = ('data_dir', 'worker_count', 'remat', 'attention_impl', 'seq
 
 
 def check_workdir(config, workdir: str, has_checkpoint: bool) -> None:
-  """Refuses to resume a run whose model, autoencoder or data differ from this config's."""
+  """Refuses to resume a run whose model, autoencoder, data or batching differ from this config's."""
   path = os.path.join(workdir, 'config.json')
   if not has_checkpoint or not os.path.exists(path):
     return
@@ -546,7 +546,7 @@ def check_workdir(config, workdir: str, has_checkpoint: bool) -> None:
   new = json.loads(config.to_json_best_effort())
   for run in (old, new):  # runs from before the option used the byte encoder
     run['text_encoder'] = run.get('text_encoder') or {'kind': 'byte'}
-  for section in ('model', 'autoencoder', 'data', 'text_encoder'):
+  for section in ('model', 'autoencoder', 'data', 'text_encoder', 'packing', 'buckets'):  # what steps train on
     for key in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
       if key not in old.get(section, {}):  # a field added since that run: it had the default
         continue
@@ -664,11 +664,15 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
     elif buckets_on(config):  # each batch one size, its batch size set by config.buckets.tokens_per_step
       stream = buckets.BucketedBatches(source, pipeline.clip_sizes(source), patch=config.model.patch,
                                        tokens_per_step=config.buckets.tokens_per_step,
-                                       multiple=data_parallel_size(config, sizes) * config.grad_accum_steps,
+                                       multiple=math.lcm(data_parallel_size(config, sizes) * config.grad_accum_steps,
+                                                         jax.process_count()),
                                        seed=config.data.seed, process_index=jax.process_index(),
                                        process_count=jax.process_count())
       logging.info('buckets: %s; %.0f tokens per step on average; %.3f of the clips in each epoch\'s batches',
                    buckets.describe(stream), buckets.mean_tokens_per_step(stream), stream.epoch_usage(0))
+      starved = buckets.starved(stream)
+      if starved:
+        logging.warning('buckets %s have fewer clips than one batch: never trained on', starved)
     data_iter = pipeline.make_iterator(stream, global_batch_size=config.batch_size, seed=config.data.seed,
                                        max_text_len=config.data.max_text_len, start_step=start_step,
                                        process_index=jax.process_index(), process_count=jax.process_count(),
@@ -689,7 +693,8 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
     try:
       for step in range(start_step, config.total_steps):
         local = next(data_iter)
-        window_tokens += real_tokens(config, autoencoder, local) * jax.process_count()
+        window_tokens += (stream.step_tokens(step, config.batch_size) if packing_on(config)  # rows differ by process
+                          else real_tokens(config, autoencoder, local) * jax.process_count())
         batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], local[k]) for k in batch_shardings}
         state, step_metrics = step_fn(state, batch, frozen)
         pending.append(step_metrics)

@@ -107,6 +107,10 @@ def wan_vae_dir(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-  """Slow (end-to-end) tests first: with `-n 2` the long ones then overlap and short ones fill the end,
+  """Modules with more slow (end-to-end) tests first, each module's tests together (its module-scoped
+  fixtures are built once): with `-n 2` the long tests then overlap and short ones fill the end,
   instead of one worker running a two-minute test alone at the end of the session."""
-  items.sort(key=lambda item: item.get_closest_marker('slow') is None)  # stable: same order on every worker
+  slow = {}
+  for item in items:
+    slow[item.module.__name__] = slow.get(item.module.__name__, 0) + bool(item.get_closest_marker('slow'))
+  items.sort(key=lambda item: -slow[item.module.__name__])  # stable: same order on every worker

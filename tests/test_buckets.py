@@ -121,3 +121,23 @@ def test_a_step_counts_only_real_tokens():
   assert train.real_tokens(config, identity, {'video': np.zeros((3, 2, 16, 24, 3), np.uint8)}) == 3 * 12
   segment_bs = np.array([[1, 1, 2, 0], [1, 0, 0, 0]])
   assert train.real_tokens(config, identity, {'segment_s': segment_bs, 'x_sp': np.zeros((2, 4, 64))}) == 4
+
+
+def plan(e):  # slow, so that threads reach an epoch boundary together
+  import time
+  time.sleep(0.01)
+  return [[e, i] for i in range(int(np.random.default_rng(e).integers(3, 7)))]
+
+
+def test_epoch_plans_give_item_k_whatever_threads_read_them_in_whatever_order():
+  import concurrent.futures
+
+  sequential = packing.EpochPlans(plan)
+  expected = [sequential[k] for k in range(120)]
+  shared = packing.EpochPlans(plan)
+  order = np.random.default_rng(0).permutation(120)
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    got = dict(zip(order, pool.map(lambda k: shared[int(k)], order)))
+  assert [got[k] for k in range(120)] == expected
+  import pickle
+  assert pickle.loads(pickle.dumps(shared))[119] == expected[119]  # for grain's worker processes

@@ -142,6 +142,8 @@ def test_block_aligned_rows_attend_within_a_window_and_their_own_caption_as_the_
   pairs = [
       (lambda q, k, v: layers.windowed_segment_attention(q, k, v, segments, layout),
        lambda q, k, v: layers.segment_attention(q, k, v, segments, segments), (q, k, v)),
+      (lambda q, k, v: layers.windowed_segment_attention(q, k, v, segments, layout, chunk=8),  # 3 chunks of 2 blocks
+       lambda q, k, v: layers.segment_attention(q, k, v, segments, segments), (q, k, v)),
       (lambda q, k, v: layers.slotted_cross_attention(q, k, v, segments, text_segment, layout),
        lambda q, k, v: layers.segment_attention(q, k, v, segments, text_segment), (q, text_k, text_v)),
   ]

@@ -47,7 +47,8 @@ def test_pack_and_unpack_round_trip_and_mark_segments_and_positions():
                                              row['pos_s3'][None])
 
 
-def test_a_packed_row_gives_each_sample_the_output_and_gradients_it_gets_alone():
+@pytest.mark.parametrize('layout', [None, (4, 12)])  # rows masked whole; blocks of 4 queries, windows of 12
+def test_a_packed_row_gives_each_sample_the_output_and_gradients_it_gets_alone(layout):
   graphdef, params = random_dit()
   rng = np.random.default_rng(0)
   a, b = rng.normal(size=(4, 8, 12, 3)), rng.normal(size=(2, 4, 8, 3))  # a wide clip and a short small one
@@ -55,7 +56,7 @@ def test_a_packed_row_gives_each_sample_the_output_and_gradients_it_gets_alone()
   tokens, mask = byte.tokenize(captions, 16)
   t = np.array([0.3, 0.8, 0.5], np.float32)
   frame_mask_a = np.array([True, False, False, False])  # a's first frame given (frame conditioning)
-  row = packing.pack([a, b], PATCH, length=16)
+  row = packing.pack([a, b], PATCH, length=16, align=layout[0] if layout else 1)
   given_sk = np.zeros((16, PATCH[0]), bool)
   given_sk[:12] = np.repeat(frame_mask_a.reshape(2, PATCH[0]), 2 * 3, axis=0)  # t-major tokens
   w_sp = jnp.asarray(rng.normal(size=(16, 4 * 4 * 2 * 3)), jnp.float32)  # a random read-out
@@ -63,7 +64,7 @@ def test_a_packed_row_gives_each_sample_the_output_and_gradients_it_gets_alone()
   def packed_loss(params):
     out = nnx.merge(graphdef, params).forward_packed(
         row['x_sp'][None], t[None], row['segment_s'][None], row['pos_s3'][None], tokens[None], mask[None],
-        frame_mask_bsk=given_sk[None])[0]
+        frame_mask_bsk=given_sk[None], layout=layout)[0]
     return jnp.sum(jnp.where(row['segment_s'][:, None] > 0, out * w_sp, 0) ** 2), out
 
   def alone(params, x, i, frame_mask=None):
@@ -128,6 +129,22 @@ def test_the_packed_loss_is_the_per_sample_loss_and_padding_costs_nothing(weight
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
   for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
     np.testing.assert_allclose(g, g_ref, atol=1e-4 * float(jnp.abs(g_ref).max() + 1e-6), rtol=1e-4)
+
+
+def test_aligned_packing_starts_every_sample_at_a_block_and_round_trips():
+  rng = np.random.default_rng(4)
+  a, b, c = rng.normal(size=(4, 8, 12, 3)), rng.normal(size=(2, 4, 8, 3)), rng.normal(size=(2, 8, 4, 3))
+  row = packing.pack([a, b, c], PATCH, length=32, align=8)  # 12, 2 and 2 tokens at 0, 16 and 24
+  np.testing.assert_array_equal(row['segment_s'], [1] * 12 + [0] * 4 + [2] * 2 + [0] * 6 + [3] * 2 + [0] * 6)
+  for x, y in zip(packing.unpack(row['x_sp'], row['grids'], PATCH, 3, align=8), (a, b, c)):
+    np.testing.assert_allclose(x, y, rtol=1e-6)
+  with pytest.raises(ValueError, match='need 26 tokens, more than the row length 25'):
+    packing.pack([a, b, c], PATCH, length=25, align=8)
+  counts = rng.choice([2, 12, 16, 30], size=200)
+  rows = packing.plan_rows(counts, length=64, max_segments=8, align=8)
+  assert sorted(i for r in rows for i in r) == list(range(200))
+  for r in rows:  # every planned row packs
+    packing.pack([np.zeros((2, 4, 4 * n, 3)) for n in counts[r]], PATCH, length=64, align=8)
 
 
 def test_the_row_plan_places_every_sample_once_within_limits_and_wastes_under_5_percent():

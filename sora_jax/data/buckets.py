@@ -9,23 +9,25 @@ token on padding, but each shape is a separate compile and small buckets fill sl
 Epoch e visits the examples in a seeded shuffled order; each bucket fills its batches in that order,
 and a batch joins the stream when it is full, so buckets interleave in proportion to their size. An
 epoch's last, partial batch of each bucket is left out (its clips come back, reshuffled, in later
-epochs). Batch k of the stream is a pure function of (seed, k), so a run resumes at any step on any
-number of processes, with nothing to checkpoint.
+epochs). Batch k of the stream is a pure function of (seed, k) and the batch sizes, so a run resumes
+at any step with nothing to checkpoint. The batch sizes are multiples of the data-parallel size:
+resuming on another one changes the later steps' batches (the log lists the sizes).
 
 Pure numpy: it runs in the input pipeline, on the host.
 """
 
-import bisect
 import math
 
 import numpy as np
 
+from sora_jax import UsageError
 from sora_jax.data import packing
 
 
 def batch_sizes(sizes, patch, tokens_per_step: int, multiple: int = 1) -> dict:
   """{(T, H, W): batch size} for each distinct clip size: the largest multiple of `multiple` (the
-  data-parallel size) whose clips hold at most `tokens_per_step` patch tokens, and at least `multiple`."""
+  data-parallel size x gradient accumulation steps, and of the process count) whose clips hold at most
+  `tokens_per_step` patch tokens, and at least `multiple`."""
   out = {}
   for size in sorted(set(map(tuple, sizes))):
     per_clip = packing.tokens_of(size, patch)
@@ -63,22 +65,22 @@ class BucketedBatches:
     self.process_index, self.process_count = process_index, process_count
     if any(b % process_count for b in self.batch_size.values()):
       raise ValueError(f'bucket batch sizes {self.batch_size} do not split over {process_count} processes')
-    self._epochs = []  # per epoch: its batches (lists of example indices)
-    self._starts = [0]  # the stream index of each epoch's first batch
+    self._plans = packing.EpochPlans(self._plan)
 
   def __len__(self):
     return 2**40  # endless; grain needs a length
 
+  def _plan(self, e: int) -> list:
+    order = np.random.default_rng([self.seed, e]).permutation(len(self.sizes))
+    batches = plan_batches([self.sizes[i] for i in order], self.batch_size)
+    if not batches:
+      raise UsageError(f'config.buckets.tokens_per_step: no size has a batch\'s worth of clips ({len(self.sizes)} '
+                       f'clips, batch sizes {self.batch_size})')
+    return [[int(order[i]) for i in batch] for batch in batches]
+
   def epoch(self, e: int) -> list:
     """Epoch e's batches: lists of example indices."""
-    while len(self._epochs) <= e:
-      order = np.random.default_rng([self.seed, len(self._epochs)]).permutation(len(self.sizes))
-      batches = plan_batches([self.sizes[i] for i in order], self.batch_size)
-      if not batches:
-        raise ValueError(f'no bucket fills a batch: {len(self.sizes)} examples for batch sizes {self.batch_size}')
-      self._epochs.append([[int(order[i]) for i in batch] for batch in batches])
-      self._starts.append(self._starts[-1] + len(batches))
-    return self._epochs[e]
+    return self._plans.epoch(e)
 
   def epoch_usage(self, e: int = 0) -> float:
     """The share of epoch e's examples that are in its batches (the rest wait for a later epoch)."""
@@ -86,10 +88,7 @@ class BucketedBatches:
 
   def batch_examples(self, k: int) -> list:
     """The example indices of stream batch k (all processes' shares)."""
-    while self._starts[-1] <= k:
-      self.epoch(len(self._epochs))
-    e = bisect.bisect_right(self._starts, k) - 1
-    return self.epoch(e)[k - self._starts[e]]
+    return self._plans[k]
 
   def __getitem__(self, k: int) -> dict:
     indices = self.batch_examples(int(k))
@@ -111,3 +110,11 @@ def mean_tokens_per_step(stream: BucketedBatches, e: int = 0) -> float:
   """Epoch e's mean patch tokens per step (the target is `tokens_per_step`)."""
   batches = stream.epoch(e)
   return float(np.mean([stream.tokens[stream.sizes[b[0]]] for b in batches])) if batches else math.nan
+
+
+def starved(stream: BucketedBatches) -> list[str]:
+  """The sizes ('TxHxW') with fewer clips than their batch size: never in a batch."""
+  counts = {size: 0 for size in stream.batch_size}
+  for size in stream.sizes:
+    counts[size] += 1
+  return ['x'.join(map(str, size)) for size, b in stream.batch_size.items() if counts[size] < b]

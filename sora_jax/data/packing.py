@@ -11,6 +11,7 @@ Pure numpy: it runs in the input pipeline, on the host.
 
 import bisect
 import math
+import threading
 
 import numpy as np
 
@@ -105,6 +106,38 @@ def efficiency(segment_bs: np.ndarray) -> float:
   return float(np.mean(np.asarray(segment_bs) > 0))
 
 
+class EpochPlans:
+  """Item k of an endless stream made of epochs laid end to end: `plan(e)` -> epoch e's items (each a
+  list of example indices), made on first use and kept. Thread-safe (grain reads from several
+  threads), so item k is a function of k alone, however the reads interleave."""
+
+  def __init__(self, plan):
+    self.plan = plan
+    self._epochs = []  # per epoch: its items
+    self._starts = [0]  # the stream index of each epoch's first item
+    self._lock = threading.Lock()
+
+  def __getstate__(self):  # picklable for grain's worker processes: without the lock
+    return {k: v for k, v in self.__dict__.items() if k != '_lock'}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
+
+  def epoch(self, e: int) -> list:
+    with self._lock:
+      while len(self._epochs) <= e:
+        items = self.plan(len(self._epochs))
+        self._epochs.append(items)
+        self._starts.append(self._starts[-1] + len(items))
+      return self._epochs[e]
+
+  def __getitem__(self, k: int) -> list:
+    while self._starts[-1] <= k:
+      self.epoch(len(self._epochs))
+    e = bisect.bisect_right(self._starts, k) - 1
+    return self.epoch(e)[k - self._starts[e]]
+
+
 class PackedRows:
   """An endless random-access stream of packed rows over a source of examples (`pipeline.to_example`
   dicts with 'video' uint8 [T, H, W, 3] of any size, or 'latent' [T, H, W, c]).
@@ -123,8 +156,7 @@ class PackedRows:
     self.source, self.patch, self.length, self.max_segments, self.seed = source, tuple(patch), length, max_segments, seed
     self.align = align  # each sample starts at a multiple of align tokens (see `pack`)
     self.counts = np.asarray(token_counts)
-    self._epochs = []  # per epoch: its rows (lists of example indices)
-    self._starts = [0]  # the stream index of each epoch's first row
+    self._plans = EpochPlans(self._plan)
 
   def __len__(self):
     return 2**40  # endless; grain needs a length
@@ -134,22 +166,23 @@ class PackedRows:
     rows = self.epoch(e)
     return float(sum(self.counts[i] for row in rows for i in row) / (len(rows) * self.length))
 
+  def _plan(self, e: int) -> list:
+    order = np.random.default_rng([self.seed, e]).permutation(len(self.counts))
+    rows = plan_rows(self.counts[order], self.length, self.max_segments, align=self.align)
+    return [[int(order[i]) for i in row] for row in rows]
+
   def epoch(self, e: int) -> list:
     """Epoch e's rows: lists of example indices."""
-    while len(self._epochs) <= e:
-      order = np.random.default_rng([self.seed, len(self._epochs)]).permutation(len(self.counts))
-      rows = [[int(order[i]) for i in row] for row in plan_rows(self.counts[order], self.length, self.max_segments,
-                                                                            align=self.align)]
-      self._epochs.append(rows)
-      self._starts.append(self._starts[-1] + len(rows))
-    return self._epochs[e]
+    return self._plans.epoch(e)
 
   def row_examples(self, r: int) -> list:
     """The example indices of stream row r."""
-    while self._starts[-1] <= r:
-      self.epoch(len(self._epochs))
-    e = bisect.bisect_right(self._starts, r) - 1
-    return self.epoch(e)[r - self._starts[e]]
+    return self._plans[r]
+
+  def step_tokens(self, step: int, rows_per_step: int) -> int:
+    """The real (not padding) patch tokens of step `step`'s rows, all processes' together."""
+    return int(sum(self.counts[i] for r in range(step * rows_per_step, (step + 1) * rows_per_step)
+                   for i in self.row_examples(r)))
 
   def __getitem__(self, r: int) -> dict:
     examples = [self.source[i] for i in self.row_examples(int(r))]

@@ -170,27 +170,38 @@ class PackedLayout(NamedTuple):
   slots: int = 0
 
 
-def windowed_segment_attention(q_bsnk, k_bsnk, v_bsnk, segment_bs, layout: PackedLayout):
+def windowed_segment_attention(q_bsnk, k_bsnk, v_bsnk, segment_bs, layout: PackedLayout, *, chunk: int = 512):
   """Self-attention inside the segments of packed rows laid out as `layout` says (queries and keys
   are the same tokens). A block of `layout.block` queries holds one sample's tokens (and padding),
   so it attends to the `layout.window` keys from that sample's first token on: [s / block, block,
-  window] scores instead of `segment_attention`'s [s, s], and the same result.
+  window] scores instead of `segment_attention`'s [s, s], and the same result. The windows are
+  gathered copies of the keys and values: they are made about `chunk` queries at a time (a
+  checkpointed map, like `segment_attention`'s), so at most [chunk / block, window] exist at once.
   """
   b, s, n, k = q_bsnk.shape
   block, window = layout.block, min(layout.window, s)
   blocks = s // block
   first_bs = jnp.concatenate([jnp.ones((b, 1), bool), segment_bs[:, 1:] != segment_bs[:, :-1]], axis=1)
   start_bs = jax.lax.cummax(jnp.where(first_bs, jnp.arange(s), 0), axis=1)  # each token's run start
-  start_bq = start_bs[:, ::block]  # [b, blocks]
   take = lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, window, axis=0)  # clamped to fit: still covers it
-  window_of = jax.vmap(jax.vmap(take, (None, 0)), (0, 0))  # [b, s, ...], [b, blocks] -> [b, blocks, window, ...]
-  k_w, v_w, seg_w = window_of(k_bsnk, start_bq), window_of(v_bsnk, start_bq), window_of(segment_bs, start_bq)
-  seg_q = segment_bs.reshape(b, blocks, block)
-  mask = (seg_q[..., :, None] == seg_w[..., None, :]) & (seg_q[..., :, None] > 0)  # [b, blocks, block, window]
-  out = jax.nn.dot_product_attention(q_bsnk.reshape(b * blocks, block, n, k), k_w.reshape(b * blocks, window, n, k),
-                                     v_w.reshape(b * blocks, window, n, k),
-                                     mask=mask.reshape(b * blocks, 1, block, window))
-  return out.reshape(b, s, n, k)
+  window_of = jax.vmap(jax.vmap(take, (None, 0)), (0, 0))  # [b, s, ...], [b, c] -> [b, c, window, ...]
+
+  def one(chunk_args):  # c blocks: q [b, c, block, n, k], their run starts [b, c], segments [b, c, block]
+    q, start_bc, seg_q = chunk_args
+    c = start_bc.shape[1]
+    k_w, v_w, seg_w = window_of(k_bsnk, start_bc), window_of(v_bsnk, start_bc), window_of(segment_bs, start_bc)
+    mask = (seg_q[..., :, None] == seg_w[..., None, :]) & (seg_q[..., :, None] > 0)  # [b, c, block, window]
+    out = jax.nn.dot_product_attention(q.reshape(b * c, block, n, k), k_w.reshape(b * c, window, n, k),
+                                       v_w.reshape(b * c, window, n, k), mask=mask.reshape(b * c, 1, block, window))
+    return out.reshape(b, c, block, n, k)
+
+  per = max(d for d in range(1, blocks + 1) if blocks % d == 0 and d * block <= max(chunk, block))
+  args = (q_bsnk.reshape(b, blocks, block, n, k), start_bs[:, ::block], segment_bs.reshape(b, blocks, block))
+  if per == blocks:
+    return one(args).reshape(b, s, n, k)
+  by_chunk = lambda x: x.reshape(b, blocks // per, per, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+  out = jax.lax.map(jax.checkpoint(one), tuple(map(by_chunk, args)))  # [chunks, b, per, block, n, k]
+  return out.swapaxes(0, 1).reshape(b, s, n, k)
 
 
 def slotted_cross_attention(q_bsnk, k_blnk, v_blnk, segment_bs, context_segment_bl, layout: PackedLayout):
