@@ -141,3 +141,11 @@ def test_epoch_plans_give_item_k_whatever_threads_read_them_in_whatever_order():
   assert [got[k] for k in range(120)] == expected
   import pickle
   assert pickle.loads(pickle.dumps(shared))[119] == expected[119]  # for grain's worker processes
+
+
+def test_a_size_with_fewer_clips_than_its_batch_is_named_as_never_trained():
+  sizes = [(1, 8, 8)] * 20 + [(2, 8, 16)] * 3
+  stream = buckets.BucketedBatches([None] * 23, sizes, patch=PATCH, tokens_per_step=16, multiple=2, seed=0)
+  assert stream.batch_size == {(1, 8, 8): 16, (2, 8, 16): 4}
+  assert buckets.starved(stream) == ['2x8x16']
+  assert '2x8x16: batch 4 (16 tokens), 3 clips' in buckets.describe(stream)

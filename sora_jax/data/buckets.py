@@ -16,6 +16,7 @@ resuming on another one changes the later steps' batches (the log lists the size
 Pure numpy: it runs in the input pipeline, on the host.
 """
 
+import collections
 import math
 
 import numpy as np
@@ -98,10 +99,8 @@ class BucketedBatches:
 
 
 def describe(stream: BucketedBatches) -> str:
-  """One line per bucket for the log: size, batch size, tokens per step, share of the examples."""
-  counts = {size: 0 for size in stream.batch_size}
-  for size in stream.sizes:
-    counts[size] += 1
+  """One line per bucket for the log: size, batch size, tokens per step, number of clips."""
+  counts = collections.Counter(stream.sizes)
   return '; '.join(f'{t}x{h}x{w}: batch {b} ({stream.tokens[(t, h, w)]} tokens), {counts[(t, h, w)]} clips'
                    for (t, h, w), b in stream.batch_size.items())
 
@@ -114,7 +113,5 @@ def mean_tokens_per_step(stream: BucketedBatches, e: int = 0) -> float:
 
 def starved(stream: BucketedBatches) -> list[str]:
   """The sizes ('TxHxW') with fewer clips than their batch size: never in a batch."""
-  counts = {size: 0 for size in stream.batch_size}
-  for size in stream.sizes:
-    counts[size] += 1
+  counts = collections.Counter(stream.sizes)
   return ['x'.join(map(str, size)) for size, b in stream.batch_size.items() if counts[size] < b]
