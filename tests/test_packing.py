@@ -47,8 +47,8 @@ def test_pack_and_unpack_round_trip_and_mark_segments_and_positions():
                                              row['pos_s3'][None])
 
 
-@pytest.mark.parametrize('layout', [None, (4, 12)])  # rows masked whole; blocks of 4 queries, windows of 12
-def test_a_packed_row_gives_each_sample_the_output_and_gradients_it_gets_alone(layout):
+def test_a_packed_row_gives_each_sample_the_output_and_gradients_it_gets_alone():
+  layout = (4, 12)  # blocks of 4 queries, windows of 12 (and below: whole rows, masked, give the same)
   graphdef, params = random_dit()
   rng = np.random.default_rng(0)
   a, b = rng.normal(size=(4, 8, 12, 3)), rng.normal(size=(2, 4, 8, 3))  # a wide clip and a short small one
@@ -56,15 +56,18 @@ def test_a_packed_row_gives_each_sample_the_output_and_gradients_it_gets_alone(l
   tokens, mask = byte.tokenize(captions, 16)
   t = np.array([0.3, 0.8, 0.5], np.float32)
   frame_mask_a = np.array([True, False, False, False])  # a's first frame given (frame conditioning)
-  row = packing.pack([a, b], PATCH, length=16, align=layout[0] if layout else 1)
+  row = packing.pack([a, b], PATCH, length=16, align=layout[0])
   given_sk = np.zeros((16, PATCH[0]), bool)
   given_sk[:12] = np.repeat(frame_mask_a.reshape(2, PATCH[0]), 2 * 3, axis=0)  # t-major tokens
   w_sp = jnp.asarray(rng.normal(size=(16, 4 * 4 * 2 * 3)), jnp.float32)  # a random read-out
 
-  def packed_loss(params):
-    out = nnx.merge(graphdef, params).forward_packed(
+  def packed(params, layout):
+    return nnx.merge(graphdef, params).forward_packed(
         row['x_sp'][None], t[None], row['segment_s'][None], row['pos_s3'][None], tokens[None], mask[None],
         frame_mask_bsk=given_sk[None], layout=layout)[0]
+
+  def packed_loss(params):
+    out = packed(params, layout)
     return jnp.sum(jnp.where(row['segment_s'][:, None] > 0, out * w_sp, 0) ** 2), out
 
   def alone(params, x, i, frame_mask=None):
@@ -81,6 +84,8 @@ def test_a_packed_row_gives_each_sample_the_output_and_gradients_it_gets_alone(l
   scale = float(jnp.abs(out_a).max())  # outputs of tens: float32 round-off ~1e-6 relative
   np.testing.assert_allclose(out[:12], out_a, atol=1e-5 * scale, rtol=1e-5)
   np.testing.assert_allclose(out[12:14], out_b, atol=1e-5 * scale, rtol=1e-5)
+  whole_rows = jax.jit(packed, static_argnums=1)(params, None)
+  np.testing.assert_allclose(whole_rows[:14], out[:14], atol=1e-5 * scale, rtol=1e-5)
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
   flat, flat_ref = jax.tree.leaves(grads), jax.tree.leaves(grads_ref)
   assert len(flat) == len(flat_ref)
