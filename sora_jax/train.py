@@ -62,12 +62,10 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
     sizes = sharding.mesh_shape(config.mesh, num_devices)
   except ValueError as e:
     raise UsageError(str(e)) from None
-  batch_axes = dict(sharding.rules_tuple(config.sharding_rules)).get('act_batch') or ()
-  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
   dp = data_parallel_size(config, sizes)
   if config.batch_size % dp:
     raise UsageError(f'config.batch_size={config.batch_size} is not divisible by the data-parallel '
-                     f'size {dp} (mesh axes {tuple(batch_axes)})')
+                     f'size {dp} (mesh axes {batch_mesh_axes(config)})')
   if config.batch_size % jax.process_count():
     raise UsageError(f'config.batch_size={config.batch_size} is not divisible by the '
                      f'{jax.process_count()} processes')
@@ -129,11 +127,15 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   return sizes
 
 
+def batch_mesh_axes(config) -> tuple[str, ...]:
+  """The mesh axes the batch is split over: those of the 'act_batch' sharding rule."""
+  axes = dict(sharding.rules_tuple(config.sharding_rules)).get('act_batch') or ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def data_parallel_size(config, mesh_sizes: dict[str, int]) -> int:
-  """How many ways the batch is split: the product of the mesh axes of the 'act_batch' rule."""
-  batch_axes = dict(sharding.rules_tuple(config.sharding_rules)).get('act_batch') or ()
-  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-  return math.prod(mesh_sizes[a] for a in batch_axes)
+  """How many ways the batch is split: the product of the sizes of `batch_mesh_axes`."""
+  return math.prod(mesh_sizes[a] for a in batch_mesh_axes(config))
 
 
 def frame_conditioning_on(config) -> bool:
