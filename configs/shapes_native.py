@@ -6,9 +6,10 @@ r"""Shapes at native sizes, packed: clips of 1 (images), 8 and 16 frames, square
 Every clip keeps its own size (nothing cropped or padded away): the tokens of several clips share
 a row of `packing.row_length` tokens (sora_jax/data/packing.py), attention stays inside each clip,
 and each clip has its own caption, timestep and time shift. Each clip starts at a multiple of
-`packing.block` = 32 tokens, so attention works on 32-query blocks of one clip each, against that
-clip's (at most 448) tokens and its own caption, not the whole row (layers.PackedLayout). Patches
-are 1 x 8 x 8, so an image is a one-frame clip. `tiny` is a seconds-long smoke run.
+`packing.block` = 16 tokens, so attention works on 16-query blocks of one clip each, against that
+clip's (at most 224) tokens and its own caption, not the whole row (layers.PackedLayout). Patches
+are 2 x 8 x 8 like configs/shapes.py; an image (a one-frame clip) trains and samples as a still clip
+of 2 identical frames (`dit.repeat_stills`). `tiny` is a seconds-long smoke run.
 
 For comparison, aspect-ratio/duration buckets instead of packing (each batch one size, about 2048
 tokens per step; sora_jax/data/buckets.py):
@@ -29,15 +30,15 @@ def get_config(arg: str | None = None):
     raise ValueError(f'configs/shapes_native.py: unknown variant {arg!r}; expected none or "tiny"')
   config = shapes.get_config('tiny' if arg == 'tiny' else None)
   config.data.sizes = '1x32x32,8x32x32,8x32x56,8x56x32,16x32x32,16x32x56,16x56x32'
-  config.model.patch = (1, 8, 8)  # one-frame clips (images) need a temporal patch of 1
-  config.packing.update(row_length=1024, max_segments=16, loss_weighting='sample', block=32)
+  config.model.patch = (2, 8, 8)  # as the fixed-size default; an image trains as a still 2-frame clip
+  config.packing.update(row_length=1024, max_segments=16, loss_weighting='sample', block=16)
   config.batch_size = 2  # rows: 2048 tokens per step
-  config.objective.shift_base_tokens = 128  # an 8 x 32 x 32 clip keeps time_shift; larger ones shift more
+  config.objective.shift_base_tokens = 64  # an 8 x 32 x 32 clip keeps time_shift; larger ones shift more
   config.frame_conditioning.probability = 0.0  # packed frame conditioning: not yet
   config.eval.every_steps = 0  # evaluation reads fixed-size clips: not yet for packed runs
   config.sample.max_tokens = 1024
   if arg != 'tiny':
-    config.total_steps = 1600  # ~23 minutes here (1.16 steps/s; fixed-size training: 2.1)
+    config.total_steps = 1800  # ~23 minutes here (1.35 steps/s; fixed-size training: 2.0)
   else:
     config.data.update(sizes='1x16x16,2x16x16,2x16x24,2x24x16', frames=2, height=16, width=16, object_size=6)
     config.packing.update(row_length=32, max_segments=8, block=4)

@@ -81,10 +81,12 @@ def windows(frames: int, window: int, backward: bool = False) -> list[int]:
 
 def window_length(cfg, frames: int) -> int:
   """Frames made in one pass: the training length T, or for a model trained at native sizes
-  (packed, `config.data.sizes`) the output's own length up to the longest clip it trained on."""
+  (packed, `config.data.sizes`) the output's own length up to the longest clip it trained on
+  (a clip: a multiple of the temporal patch; an image: one frame)."""
   if cfg.get('packing') and cfg.packing.get('row_length') and cfg.data.get('sizes'):
     from sora_jax.data import shapes
-    return min(frames, max(size[0] for size in shapes.parse_sizes(cfg.data.sizes)))
+    n = min(frames, max(size[0] for size in shapes.parse_sizes(cfg.data.sizes)))
+    return n if n == 1 else max(n - n % cfg.model.patch[0], cfg.model.patch[0])
   return cfg.data.frames
 
 

@@ -101,7 +101,9 @@ def check_size(config, autoencoder, frames: int, height: int, width: int,
     raise UsageError(f'{label}={frames}x{height}x{width} do not fit config.autoencoder.kind='
                      f'{config.autoencoder.kind!r}: {e}') from None
   patch = tuple(config.model.patch)
-  for name, n, latent, p in zip(names, sizes, latent_thw, patch):
+  for i, (name, n, latent, p) in enumerate(zip(names, sizes, latent_thw, patch)):
+    if i == 0 and latent == 1 and p > 0:
+      continue  # an image: a still clip of the temporal patch (dit.still_frames)
     if p <= 0 or latent % p:
       via = '' if latent == n else f' (latent {name.rsplit(".", 1)[-1].lstrip("-")} {latent})'
       raise UsageError(f'config.model.patch={patch} does not divide {name}={n}{via}')
@@ -183,6 +185,8 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   tokens = packing.tokens_of(shape, cfg.model.patch)
   time_shift = float(rf.size_shift(time_shift, tokens, cfg.objective.get('shift_base_tokens')))
   frames = (*size, 3)
+  pt = cfg.model.patch[0]
+  latent_t, shape = shape[0], (dit.still_frames(shape[0], pt), *shape[1:])  # an image: generated as a still clip
   cond, null_cond = conditioning(cfg, list(prompts), model.text_encoder, negative_prompt)
   key, sde_key = jax.random.split(jax.random.key(seed))
   # One noise per prompt index, so a prompt's video does not depend on the batch around it.
@@ -193,7 +197,7 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   if edit is not None:
     if strength is None or not 0 < strength <= 1:
       raise UsageError(f'strength={strength}: SDEdit needs a noise level in (0, 1]')
-    x_edit = _encode(model.autoencoder, model.autoencoder.params, _pixels(edit, b, frames, 'edit'))
+    x_edit = dit.repeat_stills(_encode(model.autoencoder, model.autoencoder.params, _pixels(edit, b, frames, 'edit')), pt)
     start, t_start = rf.interpolate(x_edit, noise, jnp.full((b,), strength)), float(strength)
   if given is not None:
     if not cfg.model.get('frame_conditioning', False):
@@ -202,15 +206,16 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
     given_mask = np.asarray(given_mask, bool)
     if given_mask.shape != (frames[0],):
       raise UsageError(f'given_mask has shape {given_mask.shape}; expected ({frames[0]},), one per frame')
-    factor = 1 if shape[0] == frames[0] else (frames[0] - 1) // max(shape[0] - 1, 1)
-    latent_mask = fc.latent_frame_mask(given_mask, factor)
-    given_latents = dict(x=_encode(model.autoencoder, model.autoencoder.params, _pixels(given, b, frames, 'given')),
+    factor = 1 if latent_t == frames[0] else (frames[0] - 1) // max(latent_t - 1, 1)
+    latent_mask = np.resize(fc.latent_frame_mask(given_mask, factor), shape[0])  # a still: repeated
+    given_latents = dict(x=dit.repeat_stills(_encode(model.autoencoder, model.autoencoder.params,
+                                                     _pixels(given, b, frames, 'given')), pt),
                          mask_bt=jnp.broadcast_to(jnp.asarray(latent_mask), (b, shape[0])))
   latents = _sample_latents(model.params, model.graphdef, noise, start, cond, null_cond, guidance_scale, time_shift,
                             rng_b, given_latents, frame_guidance_scale, num_steps=num_steps,
                             prediction=cfg.objective.prediction, stochasticity=float(stochasticity),
                             t_start=jnp.float32(t_start), frame_guidance=given is not None and frame_guidance_scale != 1.0)
-  pixels = _decode(model.autoencoder, model.autoencoder.params, latents)
+  pixels = _decode(model.autoencoder, model.autoencoder.params, latents)[:, :size[0]]  # a still: its first frame
   if not getattr(pixels, 'is_fully_addressable', True):  # sharded over several processes' devices
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     pixels = multihost_utils.process_allgather(pixels, tiled=True)

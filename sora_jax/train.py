@@ -439,6 +439,7 @@ def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
       x0 = batch['latent'].astype(jnp.float32)
     else:
       x0 = autoencoder.encode(frozen['autoencoder'], batch['video'].astype(jnp.float32) / 127.5 - 1.0)
+    x0 = dit.repeat_stills(x0, config.model.patch[0])  # images train as still clips of the temporal patch
     b = x0.shape[0]
     drop = jax.random.uniform(r_drop, (b, 1)) < obj.caption_dropout  # the unconditional share
     if dit.is_class_conditional(config.model):  # dropped labels become the null class

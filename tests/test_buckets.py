@@ -101,15 +101,16 @@ def test_clips_of_several_sizes_need_packing_or_buckets_and_sizes_the_patch_divi
   with pytest.raises(UsageError, match='choose buckets or packing'):
     train.validate_config(config, 8)
   config.packing.row_length = 0
-  config.data.sizes = '2x16x16,2x20x16'
-  with pytest.raises(UsageError, match=r'config.data.sizes: 2x20x16: config.model.patch=\(1, 8, 8\) does not divide'):
-    train.validate_config(config, 8)
+  for bad in ('2x20x16', '3x16x16'):  # an image (1 frame) fits any temporal patch; 3 frames do not fit 2
+    config.data.sizes = f'1x16x16,2x16x16,{bad}'
+    with pytest.raises(UsageError, match=rf'config.data.sizes: {bad}: config.model.patch=\(2, 8, 8\) does not divide'):
+      train.validate_config(config, 8)
   config.data.sizes = ''
   with pytest.raises(UsageError, match='buckets need clips of several sizes'):
     train.validate_config(config, 8)
   config = shapes_native.get_config('tiny')
   config.data.sizes = '2x16x16,2x48x48'
-  with pytest.raises(UsageError, match='2x48x48 is 72 patch tokens, more than config.packing.row_length=32'):
+  with pytest.raises(UsageError, match='2x48x48 is 36 patch tokens, more than config.packing.row_length=32'):
     train.validate_config(config, 8)
 
 
@@ -118,7 +119,9 @@ def test_a_step_counts_only_real_tokens():
   from sora_jax.models import autoencoder
   from configs import shapes_native
   config, identity = shapes_native.get_config('tiny'), autoencoder.Identity()
-  assert train.real_tokens(config, identity, {'video': np.zeros((3, 2, 16, 24, 3), np.uint8)}) == 3 * 12
+  assert tuple(config.model.patch) == (2, 8, 8)
+  assert train.real_tokens(config, identity, {'video': np.zeros((3, 2, 16, 24, 3), np.uint8)}) == 3 * 6
+  assert train.real_tokens(config, identity, {'video': np.zeros((3, 1, 16, 16, 3), np.uint8)}) == 3 * 4  # stills
   segment_bs = np.array([[1, 1, 2, 0], [1, 0, 0, 0]])
   assert train.real_tokens(config, identity, {'segment_s': segment_bs, 'x_sp': np.zeros((2, 4, 64))}) == 4
 

@@ -136,6 +136,31 @@ def test_the_packed_loss_is_the_per_sample_loss_and_padding_costs_nothing(weight
     np.testing.assert_allclose(g, g_ref, atol=1e-4 * float(jnp.abs(g_ref).max() + 1e-6), rtol=1e-4)
 
 
+def test_an_image_packs_as_a_still_clip_of_the_temporal_patch_and_other_clips_must_fit_it():
+  from sora_jax import UsageError, sample
+  from sora_jax.models import autoencoder
+  rng = np.random.default_rng(0)
+  image, clip = rng.normal(size=(1, 8, 12, 3)), rng.normal(size=(4, 8, 8, 3))
+  assert packing.tokens_of((1, 8, 12), PATCH) == 6 and packing.tokens_of((4, 8, 8), PATCH) == 8
+  row = packing.pack([image, clip], PATCH, 16)
+  assert row['grids'] == [(1, 2, 3), (2, 2, 2)]
+  np.testing.assert_allclose(row['x_sp'][:6], dit.patchify(np.repeat(image, 2, axis=0)[None], PATCH)[0])
+  assert (row['pos_s3'][:6, 0] == 0).all() and (row['segment_s'] == [1] * 6 + [2] * 8 + [0] * 2).all()
+  config = _native_config()
+  config.model.patch = PATCH
+  assert sample.check_size(config, autoencoder.Identity(), 1, 8, 12) == (1, 8, 12)
+  with pytest.raises(UsageError, match=r'does not divide frames=3'):
+    sample.check_size(config, autoencoder.Identity(), 3, 8, 12, names=('frames', 'height', 'width'))
+
+
+def _native_config():
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import shapes_native
+  return shapes_native.get_config('tiny')
+
+
 def test_aligned_packing_starts_every_sample_at_a_block_and_round_trips():
   rng = np.random.default_rng(4)
   a, b, c = rng.normal(size=(4, 8, 12, 3)), rng.normal(size=(2, 4, 8, 3)), rng.normal(size=(2, 8, 4, 3))
@@ -257,5 +282,6 @@ def test_a_native_model_makes_an_image_or_a_short_clip_in_one_pass():
   from configs import shapes, shapes_native
   from sora_jax import prompting
   native, fixed = shapes_native.get_config(), shapes.get_config()
-  assert [prompting.window_length(native, f) for f in (1, 8, 12, 40)] == [1, 8, 12, 16]
+  assert native.model.patch[0] == 2
+  assert [prompting.window_length(native, f) for f in (1, 8, 12, 13, 40)] == [1, 8, 12, 12, 16]
   assert [prompting.window_length(fixed, f) for f in (1, 8, 40)] == [8, 8, 8]  # windows of T, then cut

@@ -15,12 +15,14 @@ import threading
 
 import numpy as np
 
-from sora_jax.models.dit import grid_positions, patchify  # numpy in, numpy out
+from sora_jax.models.dit import grid_positions, patchify, repeat_stills, still_frames  # numpy in, numpy out
 
 
 def tokens_of(shape_thw: tuple[int, int, int], patch: tuple[int, int, int]) -> int:
-  """The number of patch tokens of a latent clip [T, H, W] (the patch must divide it)."""
-  return math.prod(n // p for n, p in zip(shape_thw, patch))
+  """The number of patch tokens of a latent clip [T, H, W] (the patch must divide it; an image,
+  T = 1, is a still clip of the temporal patch: `dit.still_frames`)."""
+  t, h, w = shape_thw
+  return math.prod(n // p for n, p in zip((still_frames(t, patch[0]), h, w), patch))
 
 
 def aligned(tokens: int, align: int) -> int:
@@ -30,8 +32,9 @@ def aligned(tokens: int, align: int) -> int:
 
 def pack(latents: list, patch: tuple[int, int, int], length: int, max_segments: int | None = None,
          align: int = 1) -> dict:
-  """One row: `latents` (each [T, H, W, c], any T, H, W the patch divides) packed in order, each
-  starting at a multiple of `align` tokens (the attention's query block: `layers.PackedLayout`).
+  """One row: `latents` (each [T, H, W, c], any T, H, W the patch divides; images, T = 1, as still
+  clips of the temporal patch) packed in order, each starting at a multiple of `align` tokens (the
+  attention's query block: `layers.PackedLayout`).
 
   -> x_sp [length, p] float32 (padding 0), segment_s int32 [length] (1..n, 0 padding),
      pos_s3 int32 [length, 3] (padding 0), grids [(t, h, w)] per sample (to unpack outputs).
@@ -40,6 +43,7 @@ def pack(latents: list, patch: tuple[int, int, int], length: int, max_segments: 
   if max_segments is not None and len(latents) > max_segments:
     raise ValueError(f'{len(latents)} samples in a row of {max_segments} slots')
   grids = []
+  latents = [repeat_stills(np.asarray(x)[None], patch[0])[0] for x in latents]
   for x in latents:
     if any(n % p for n, p in zip(x.shape[:3], patch)):
       raise ValueError(f'patch {tuple(patch)} does not divide a sample of shape {x.shape[:3]}')

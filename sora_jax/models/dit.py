@@ -27,6 +27,21 @@ from sora_jax.text.byte import ByteTextEncoder
 # ----------------------------------------------------------------------------------------------
 
 
+def still_frames(frames: int, patch_t: int) -> int:
+  """The frames a clip patchifies as: an image (one frame) is a still clip of `patch_t` frames, so
+  one model with a temporal patch > 1 takes images too; other clips keep their own."""
+  return patch_t if frames == 1 else frames
+
+
+def repeat_stills(x_bthwc, patch_t: int):
+  """[b, 1, H, W, c] (images) -> [b, patch_t, H, W, c] (still clips); other clips unchanged.
+  (numpy or jax arrays)"""
+  if x_bthwc.shape[1] != 1 or patch_t == 1:
+    return x_bthwc
+  xp = np if isinstance(x_bthwc, np.ndarray) else jnp
+  return xp.repeat(x_bthwc, patch_t, axis=1)
+
+
 def patchify(x_bthwc, patch: tuple[int, int, int]):
   """[b, T, H, W, c] -> [b, s, p] with tokens in (t, h, w) raster order and p = pt*ph*pw*c.
   (numpy or jax arrays: the input pipeline packs with it too)"""
