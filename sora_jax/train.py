@@ -248,7 +248,8 @@ def validate_packing(config) -> None:
       (config.data.name not in ('shapes', 'folder'), f'config.data.name={config.data.name!r} (packing reads clips: "shapes" or "folder")'),
       (config.autoencoder.kind != 'identity', f'config.autoencoder.kind={config.autoencoder.kind!r} (pixel space only)'),
       (text_lib.is_frozen(config) or dit.is_class_conditional(config.model), 'a frozen text encoder or class labels'),
-      (frame_conditioning_on(config), 'config.frame_conditioning.probability > 0'),
+      (frame_conditioning_on(config) and config.frame_conditioning.get('noise_max', 0) > 0,
+       'config.frame_conditioning.noise_max > 0 (noised given frames)'),
       (config.grad_accum_steps != 1, f'config.grad_accum_steps={config.grad_accum_steps}'),
       (evaluator_lib.enabled(config), 'config.eval.every_steps > 0 (evaluation reads fixed-size clips)'),
   ]
@@ -278,7 +279,6 @@ def validate_sizes(config, autoencoder) -> None:
     unsupported = [
         (config.data.name not in ('shapes', 'folder'), f'config.data.name={config.data.name!r}'),
         (config.autoencoder.kind != 'identity', f'config.autoencoder.kind={config.autoencoder.kind!r} (pixel space only)'),
-        (frame_conditioning_on(config), 'config.frame_conditioning.probability > 0'),
         (evaluator_lib.enabled(config), 'config.eval.every_steps > 0 (evaluation reads fixed-size clips)'),
     ]
     for bad, what in unsupported:
@@ -394,11 +394,12 @@ def make_packed_loss_and_grads(config, graphdef):
   """(params, x0 [b, s, p], noise, t [b, n], segment_s, pos_s3, tokens [b, n, l], mask) -> (loss, grads)."""
   obj, layout = config.objective, packed_layout(config)
 
-  def loss_fn(params, x0, noise, t, segment, pos, tokens, mask):
+  def loss_fn(params, x0, noise, t, segment, pos, tokens, mask, given_bsk=None):
     net = nnx.merge(graphdef, params)
-    apply = lambda x_t, t_bn: net.forward_packed(x_t, t_bn, segment, pos, tokens, mask, layout=layout)
+    apply = lambda x_t, t_bn: net.forward_packed(x_t, t_bn, segment, pos, tokens, mask, frame_mask_bsk=given_bsk,
+                                                 layout=layout)
     return rf.packed_loss(apply, x0, noise, t, segment, prediction_type=obj.prediction, min_t=obj.min_t,
-                          weighting=config.packing.get('loss_weighting', 'sample'))[0]
+                          weighting=config.packing.get('loss_weighting', 'sample'), given_bsk=given_bsk)[0]
 
   return jax.value_and_grad(loss_fn)
 
@@ -415,8 +416,8 @@ def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
   loss_and_grads = make_loss_and_grads(config, graphdef)
   packed_loss_and_grads = make_packed_loss_and_grads(config, graphdef) if packing_on(config) else None
 
-  def packed_step(state, batch, r_noise, r_time, r_drop):
-    """Packed rows: each slot (sample) draws its own caption dropout, timestep and size shift."""
+  def packed_step(state, batch, r_noise, r_time, r_drop, rng):
+    """Packed rows: each slot (sample) draws its own caption dropout, timestep, size shift and given frames."""
     x0, segment = batch['x_sp'].astype(jnp.float32), batch['segment_s']
     b, n = x0.shape[0], batch['tokens'].shape[1]
     drop = jax.random.uniform(r_drop, (b, n, 1)) < obj.caption_dropout
@@ -428,18 +429,29 @@ def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
     t = rf.sample_time(r_time, b * n, mean=obj.time_mean, std=obj.time_std,
                        shift=jnp.reshape(shift, (-1,)) if jnp.ndim(shift) else shift,
                        high_noise_fraction=obj.high_noise_fraction, high_noise_min=obj.high_noise_min)
-    return packed_loss_and_grads(state['params'], x0, noise, t.reshape(b, n), segment, batch['pos_s3'], tokens, mask)
+    given_bsk = None
+    if frame_conditioning_on(config):  # per slot, over its own frames; then per token, its patch_t frames
+      fcc, pt = config.frame_conditioning, config.model.patch[0]
+      sizes = config.data.get('sizes')
+      longest = max(size[0] for size in shapes_data.parse_sizes(sizes)) if sizes else config.data.frames
+      mask_xt = frame_conditioning.sample_masks(
+          jax.random.fold_in(rng, 1), b * n, longest, probability=fcc.probability, weights=dict(fcc.strategies),
+          keyframe_rate=fcc.keyframe_rate, frames_b=batch['frames_n'].reshape(-1))
+      given_bsk = frame_conditioning.packed_token_mask(mask_xt.reshape(b, n, longest), segment, batch['pos_s3'], pt)
+    return packed_loss_and_grads(state['params'], x0, noise, t.reshape(b, n), segment, batch['pos_s3'], tokens, mask,
+                                 given_bsk)
 
   def train_step(state, batch, frozen):
     rng = jax.random.fold_in(jax.random.key(config.seed), state['step'])  # no RNG state to save
     r_noise, r_time, r_drop = jax.random.split(rng, 3)
     if 'segment_s' in batch:
-      return update(state, *packed_step(state, batch, r_noise, r_time, r_drop))
+      return update(state, *packed_step(state, batch, r_noise, r_time, r_drop, rng))
     if 'latent' in batch:  # precomputed by sora_jax.encode
       x0 = batch['latent'].astype(jnp.float32)
     else:
       x0 = autoencoder.encode(frozen['autoencoder'], batch['video'].astype(jnp.float32) / 127.5 - 1.0)
-    x0 = dit.repeat_stills(x0, config.model.patch[0])  # images train as still clips of the temporal patch
+    clip_frames = x0.shape[1]  # an image (1) is never given frames; it trains as a still clip:
+    x0 = dit.repeat_stills(x0, config.model.patch[0])
     b = x0.shape[0]
     drop = jax.random.uniform(r_drop, (b, 1)) < obj.caption_dropout  # the unconditional share
     if dit.is_class_conditional(config.model):  # dropped labels become the null class
@@ -464,9 +476,9 @@ def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
     if frame_conditioning_on(config):  # its own stream: the other draws stay those of plain training
       fcc = config.frame_conditioning
       r_mask, r_level = jax.random.split(jax.random.fold_in(rng, 1))
-      given = dict(mask_bt=frame_conditioning.sample_masks(
-          r_mask, b, x0.shape[1], probability=fcc.probability, weights=dict(fcc.strategies),
-          keyframe_rate=fcc.keyframe_rate))
+      mask_bt = frame_conditioning.sample_masks(r_mask, b, clip_frames, probability=fcc.probability,
+                                                weights=dict(fcc.strategies), keyframe_rate=fcc.keyframe_rate)
+      given = dict(mask_bt=jnp.broadcast_to(mask_bt, (b, x0.shape[1])))  # a still's: all False
       if fcc.noise_max > 0:  # lightly noised given frames: robust to imperfect (e.g. decoded) inputs
         given['t_b'] = jax.random.uniform(r_level, (b,), maxval=fcc.noise_max)
     return update(state, *loss_and_grads(state['params'], x0, noise, t, cond, given))

@@ -74,9 +74,10 @@ def test_the_native_config_trains_in_buckets_and_samples_its_sizes(tmp_path):
   from configs import shapes_native
   from sora_jax import sample, train
   config = shapes_native.get_config('tiny')
-  config.data.update(data_dir=str(tmp_path / 'tfds'), sizes='2x16x16,2x16x24')  # two sizes: two compiles
+  config.data.update(data_dir=str(tmp_path / 'tfds'), sizes='1x16x16,2x16x24')  # two sizes: two compiles
   config.packing.row_length = 0
-  config.buckets.tokens_per_step = 64  # 8 clips of 2x16x16 (8 tokens) or 8 of 2x16x24 (12: at least one per device)
+  config.buckets.tokens_per_step = 64  # 16 images (4 tokens: stills) or 8 clips of 2x16x24 (6; one per device)
+  config.frame_conditioning.probability = 0.6  # images are never given frames
   config.update(total_steps=4, log_every_steps=1)
   config.sample.prompts = ()
   workdir = str(tmp_path / 'run')

@@ -49,6 +49,20 @@ def test_probability_sets_the_conditioned_share_and_one_frame_clips_are_never_co
     fc.sample_masks(jax.random.key(0), 2, 4, probability=1.0, weights={'middle': 1})
 
 
+def test_clips_of_several_lengths_draw_masks_within_their_own_frames():
+  lengths = np.array([1, 2, 4, 8] * 256)
+  for name in fc.STRATEGIES:
+    masks = np.asarray(fc.sample_masks(jax.random.key(4), len(lengths), 8, probability=1.0, weights={name: 1},
+                                       frames_b=lengths))
+    inside = np.arange(8)[None] < lengths[:, None]
+    assert not (masks & ~inside).any(), name  # never past a clip's end
+    assert not masks[lengths == 1].any() and not (masks | ~inside).all(1).any(), name  # something to generate
+    if name == 'last':
+      np.testing.assert_array_equal(masks[lengths > 1].argmax(1), lengths[lengths > 1] - 1)
+  same = fc.sample_masks(jax.random.key(5), 64, 8, probability=0.5, weights=ALL, frames_b=np.full(64, 8))
+  np.testing.assert_array_equal(same, fc.sample_masks(jax.random.key(5), 64, 8, probability=0.5, weights=ALL))
+
+
 def test_latent_masks_follow_a_causal_vaes_frame_spans():
   pixel = np.zeros(9, bool)
   np.testing.assert_array_equal(fc.latent_frame_mask(np.eye(9, dtype=bool)[0], 4), [1, 0, 0])

@@ -153,6 +153,23 @@ def test_an_image_packs_as_a_still_clip_of_the_temporal_patch_and_other_clips_mu
     sample.check_size(config, autoencoder.Identity(), 3, 8, 12, names=('frames', 'height', 'width'))
 
 
+def test_each_packed_token_is_given_the_frames_of_its_clips_mask():
+  from sora_jax.diffusion import frame_conditioning as fc
+  rng = np.random.default_rng(0)
+  clips = [rng.normal(size=(4, 8, 8, 3)), rng.normal(size=(1, 8, 12, 3)), rng.normal(size=(2, 4, 8, 3))]
+  row = packing.pack(clips, PATCH, 24, align=4)
+  masks_nt = np.array([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]], bool)  # the image: never given
+  got = np.asarray(fc.packed_token_mask(jnp.asarray(masks_nt[None]), jnp.asarray(row['segment_s'][None]),
+                                        jnp.asarray(row['pos_s3'][None]), PATCH[0]))[0]
+  start = 0
+  for i, grid in enumerate(row['grids']):
+    tokens = int(np.prod(grid))
+    expected = np.repeat(masks_nt[i, :grid[0] * PATCH[0]].reshape(grid[0], PATCH[0]), tokens // grid[0], axis=0)
+    np.testing.assert_array_equal(got[start:start + tokens], expected)
+    start = packing.aligned(start + tokens, 4)
+  assert not got[row['segment_s'] == 0].any()  # padding
+
+
 def _native_config():
   import os
   import sys
@@ -226,6 +243,7 @@ def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tm
   config = shapes_native.get_config('tiny')
   config.data.data_dir = str(tmp_path / 'tfds')
   config.update(total_steps=3, log_every_steps=1)
+  config.frame_conditioning.probability = 0.6  # frame-conditioned packed rows
   config.sample.prompts = ()
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
@@ -235,6 +253,10 @@ def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tm
   model = sample.load(workdir)
   for size in ((1, 16, 16), (2, 16, 24), (2, 24, 16)):  # an image, wide and tall clips
     assert sample.generate(model, ['a red circle moving right'], size=size, num_steps=1).shape == (1, *size, 3)
+  first = np.random.default_rng(0).integers(0, 256, (4, 16, 24, 3), np.uint8)  # image-to-video, wide
+  out = sample.generate(model, ['a red circle moving right'], size=(4, 16, 24), num_steps=2, given=first,
+                        given_mask=np.array([True, False, False, False]))
+  np.testing.assert_array_equal(out[0, 0], first[0])
   import subprocess
   from tests.conftest import subprocess_env
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,8 +266,8 @@ def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tm
   assert result.returncode == 0, result.stderr[-2000:]
   line = json.loads(result.stdout.splitlines()[-1])  # images: 21 captions, color and shape only
   assert line['n'] == 21 and line['exact_size'] and 'direction' not in line and 0 <= line['color'] <= 1
-  config.frame_conditioning.probability = 0.5
-  with pytest.raises(UsageError, match='packed training does not support config.frame_conditioning'):
+  config.frame_conditioning.noise_max = 0.1
+  with pytest.raises(UsageError, match='packed training does not support config.frame_conditioning.noise_max'):
     train.validate_config(config, 1)
 
 

@@ -32,7 +32,7 @@ def strategy_weights(weights: dict) -> np.ndarray:
 
 
 def sample_masks(rng, batch: int, frames: int, *, probability: float, weights: dict,
-                 keyframe_rate: float = 0.3):
+                 keyframe_rate: float = 0.3, frames_b=None):
   """bool [batch, frames]: which latent frames each sample is given.
 
   A sample is conditioned with `probability`; it then draws a strategy by `weights` (name ->
@@ -41,23 +41,37 @@ def sample_masks(rng, batch: int, frames: int, *, probability: float, weights: d
   (backward extension); 'first_last' both ends (interpolation, loops); 'keyframes' each frame
   with `keyframe_rate`. At least one frame is always generated: a mask that would cover every frame
   (e.g. 'first_last' on 2 frames) becomes empty, and a 1-frame clip is never conditioned.
+  `frames_b` int [batch]: each sample's own length <= `frames` (packed clips of several lengths;
+  frames beyond it are never given); None: all `frames` long.
   """
   w = strategy_weights(weights)
   r_on, r_kind, r_k, r_key = jax.random.split(rng, 4)
   f = jnp.arange(frames)[None, :]  # [1, T]
+  n_b1 = jnp.full((batch, 1), frames) if frames_b is None else jnp.asarray(frames_b).reshape(batch, 1)
   kind_b = jax.random.choice(r_kind, len(STRATEGIES), (batch,), p=jnp.asarray(w / w.sum()))
-  k_b1 = jax.random.randint(r_k, (batch, 1), 1, max(frames, 2))
+  k_b1 = jax.random.randint(r_k, (batch, 1), 1, jnp.maximum(n_b1, 2))
+  inside = f < n_b1
   masks = jnp.stack([
       jnp.broadcast_to(f == 0, (batch, frames)),
       f < k_b1,
-      jnp.broadcast_to(f == frames - 1, (batch, frames)),
-      f >= frames - k_b1,
-      jnp.broadcast_to((f == 0) | (f == frames - 1), (batch, frames)),
-      jax.random.bernoulli(r_key, keyframe_rate, (batch, frames)),
+      f == n_b1 - 1,
+      inside & (f >= n_b1 - k_b1),
+      (f == 0) | (f == n_b1 - 1),
+      inside & jax.random.bernoulli(r_key, keyframe_rate, (batch, frames)),
   ])  # [strategies, b, T]
   mask_bt = jnp.take_along_axis(masks, kind_b[None, :, None], axis=0)[0]
   on_b1 = jax.random.uniform(r_on, (batch, 1)) < probability
-  return on_b1 & mask_bt & ~jnp.all(mask_bt, axis=1, keepdims=True)
+  return on_b1 & mask_bt & ~jnp.all(mask_bt | ~inside, axis=1, keepdims=True)
+
+
+def packed_token_mask(mask_bnt, segment_bs, pos_bs3, patch_t: int):
+  """bool [b, s, patch_t]: the given frames inside each token of packed rows (`DiT.forward_packed`'s
+  `frame_mask_bsk`), from each slot's frame mask [b, n, T] (slot i: segment i + 1); padding: none.
+  A token at temporal position t holds frames t * patch_t ... (t + 1) * patch_t - 1 of its clip."""
+  T = mask_bnt.shape[2]
+  frame_bsk = pos_bs3[..., :1] * patch_t + jnp.arange(patch_t)
+  per_token_bst = jnp.take_along_axis(mask_bnt, jnp.maximum(segment_bs - 1, 0)[..., None], axis=1)
+  return jnp.take_along_axis(per_token_bst, jnp.minimum(frame_bsk, T - 1), axis=2) & (segment_bs > 0)[..., None]
 
 
 def apply_to_input(x_t, x_given, mask_bt):
