@@ -66,7 +66,7 @@ def roll_back_to(workdir, step):
       shutil.rmtree(os.path.join(checkpoints, name))
 
 
-def test_two_processes_reproduce_one_evaluate_and_the_run_resumes_and_samples_on_another_mesh(data_dir, tmp_path):
+def test_two_processes_reproduce_one_evaluate_and_the_run_resumes_on_another_mesh(data_dir, tmp_path):
   one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
   run_one_process(flags(data_dir, one))
   run_launcher(flags(data_dir, two, **EVALUATE), tmp_path / 'logs')
@@ -86,11 +86,6 @@ def test_two_processes_reproduce_one_evaluate_and_the_run_resumes_and_samples_on
   out = run_one_process(flags(data_dir, two, **{'mesh.data': 1, 'mesh.fsdp': 2}), devices=2).stderr
   assert 'at step 4' in out
   np.testing.assert_allclose(losses(two), reference, rtol=1e-4)
-  video = str(tmp_path / 'red.gif')
-  result = subprocess.run([sys.executable, '-m', 'sora_jax.sample', f'--workdir={two}', f'--out={video}',
-                           '--prompt=a red circle moving right', '--steps=1'],
-                          cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0 and os.path.exists(video), result.stderr[-2000:]
 
 
 def wait_for(pattern, path, timeout=300):
