@@ -13,8 +13,6 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   import tempfile  # noqa: E402
   os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(
       tempfile.gettempdir(), f'sora_jax_test_cache_{os.environ.get("PYTEST_XDIST_TESTRUNUID", os.getpid())}')
-# Every program, not only those over 1 s to compile: subprocesses recompile the same small ones.
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pytest  # noqa: E402
 
