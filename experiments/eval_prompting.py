@@ -40,6 +40,7 @@ flags.DEFINE_float('max_error_px', 1.5, 'Largest mean centroid error (pixels) of
 flags.DEFINE_float('guidance_scale', None, 'Text guidance scale (default: config).')
 flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config).')
 flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
+flags.DEFINE_float('stochasticity', None, 'Fresh noise per sampling step in [0, 1] (default: config).')
 flags.DEFINE_string('out_dir', None, 'If set, write the first batch of each mode here as GIFs (input | output).')
 flags.DEFINE_string('modes', 'image_to_video,extend,extend_backward,interpolate,edit', 'Comma-separated modes.')
 FLAGS = flags.FLAGS
@@ -90,7 +91,7 @@ def main(argv):
     cfg = model.config
     T = cfg.data.frames
     kw = dict(num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale,
-              frame_guidance_scale=FLAGS.frame_guidance_scale)
+              frame_guidance_scale=FLAGS.frame_guidance_scale, stochasticity=FLAGS.stochasticity)
     rng = np.random.default_rng(FLAGS.seed + 10_000)  # not the dataset's seeds
     result = dict(workdir=FLAGS.workdir, step=model.step, cases=FLAGS.cases, max_error_px=FLAGS.max_error_px)
     start = time.time()
@@ -150,7 +151,8 @@ def main(argv):
         finite = [e for e in errors if np.isfinite(e)]
         result[f'{mode}_error_px'] = round(float(np.median(finite)), 2) if finite else None
     result.update(exact_given=all(exact), seconds=round(time.time() - start, 1), strength=FLAGS.strength,
-                  guidance_scale=FLAGS.guidance_scale, frame_guidance_scale=FLAGS.frame_guidance_scale)
+                  guidance_scale=FLAGS.guidance_scale, frame_guidance_scale=FLAGS.frame_guidance_scale,
+                  stochasticity=FLAGS.stochasticity, steps=FLAGS.steps)
     print(json.dumps(result))
   except UsageError as e:
     sys.exit(f'error: {e}')

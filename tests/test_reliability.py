@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -58,20 +59,30 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint(
 
 
 @pytest.mark.slow
-def test_a_preempted_run_resumes_to_the_uninterrupted_result_bit_for_bit(tiny_config, tmp_path, monkeypatch):
-  from tests.test_train import assert_same_state, train_rows
+def test_a_preempted_or_crashed_run_resumes_to_the_uninterrupted_result_bit_for_bit(tiny_config, tmp_path, monkeypatch):
+  from tests.test_train import assert_same_state, read_metrics, train_rows
   config = tiny_config
   config.sample.prompts = ()
-  config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 6, 1, 100
-  state_full = train.train_and_evaluate(config, str(tmp_path / 'full'))
+  config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 6, 1, 4
+  full = str(tmp_path / 'full')
+  state_full = train.train_and_evaluate(config, full)
   workdir = str(tmp_path / 'preempted')
   with monkeypatch.context() as m:  # as if SIGTERM arrived during step 3
     m.setattr(train.StopSignal, 'should_stop', lambda self, step: step == 3)
     stopped = train.train_and_evaluate(config, workdir)
   assert int(stopped['step']) == 3
   resumed = train.train_and_evaluate(config, workdir)
-  assert train_rows(workdir) == train_rows(str(tmp_path / 'full'))  # losses, norms, lr: all equal
+  assert train_rows(workdir) == train_rows(full)  # losses, norms, lr: all equal
   assert_same_state(resumed, state_full)
+
+  # A run that crashed after logging step 6 but before its step-6 checkpoint was committed: it
+  # resumes at step 4, and steps 5 and 6 are trained again, their old rows replaced, not duplicated.
+  crashed = str(tmp_path / 'crashed')
+  shutil.copytree(full, crashed)
+  shutil.rmtree(os.path.join(crashed, 'checkpoints', '6'))
+  assert_same_state(train.train_and_evaluate(config, crashed), state_full)  # params, moments, EMA, step
+  assert [r['step'] for r in read_metrics(crashed)] == [1, 2, 3, 4, 5, 6]
+  assert train_rows(crashed) == train_rows(full)
 
 
 @pytest.mark.slow
