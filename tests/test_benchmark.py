@@ -35,17 +35,15 @@ def test_benchmark_prints_step_time_flops_and_mfu_of_the_real_step():
 @pytest.mark.slow
 def test_analyze_only_shows_fsdp_dividing_the_state_per_device_without_allocating():
   env = subprocess_env(4, PYTHONPATH=PYTHONPATH)
-  plans = {}
-  for mesh in ('dp', 'fsdp'):
-    result = subprocess.run(
-        [sys.executable, 'experiments/benchmark.py', f'--config=configs/shapes.py:mesh={mesh}',
-         '--analyze_only', '--config.model.depth=1', '--config.batch_size=8'],  # small: compile time
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    plans[mesh] = json.loads(result.stdout.splitlines()[-1])
-  dp, fsdp = plans['dp']['per_device_bytes'], plans['fsdp']['per_device_bytes']
-  assert dp['params'] == dp['ema'] == plans['dp']['num_params'] * 4  # replicated float32
-  assert dp['opt_state'] > 2 * dp['params']  # two Adam moments
-  for item in ('params', 'opt_state', 'ema'):
-    assert fsdp[item] < 0.3 * dp[item]  # 4-way FSDP (tiny norms and biases stay replicated)
-  assert 'step_time_s' not in plans['fsdp']
+  result = subprocess.run(
+      [sys.executable, 'experiments/benchmark.py', '--config=configs/shapes.py:mesh=fsdp',
+       '--analyze_only', '--config.model.depth=1', '--config.batch_size=8'],  # small: compile time
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  plan = json.loads(result.stdout.splitlines()[-1])
+  fsdp, replicated = plan['per_device_bytes'], plan['num_params'] * 4  # float32 on every device
+  assert fsdp['opt_state'] > 2 * fsdp['params']  # two Adam moments
+  for item in ('params', 'ema'):
+    assert 0.25 * replicated <= fsdp[item] < 0.3 * replicated  # 4-way FSDP (tiny norms and biases stay replicated)
+  assert fsdp['opt_state'] < 0.3 * 2 * replicated
+  assert 'step_time_s' not in plan
