@@ -91,7 +91,7 @@ def test_sharded_step_on_data_fsdp_tensor_mesh_with_accumulation_and_remat_match
 # Each sequence-parallel mode alone is checked against plain attention in tests/test_layers.py.
 @pytest.mark.parametrize('mesh, sequence_parallel', [
     ('dp', 'all_to_all'), ('fsdp_tp', 'all_to_all'), ('fsdp_tp_sp', 'all_to_all'),
-    ('data=2,sequence=4', 'gather_kv')])  # plain fsdp: test_sharded_step_on_data_fsdp_tensor_mesh_with...
+    ('data=2,sequence=4', 'gather_kv')])  # fsdp (with accumulation, remat): test_sharded_step_on_data_fsdp_tensor_mesh_with...
 def test_every_mesh_preset_and_sequence_parallelism_match_one_device(tiny_config, mesh, sequence_parallel):
   """Spacetime tokens sharded over 'sequence' too, with each way of communicating for attention."""
   config = tiny_config
