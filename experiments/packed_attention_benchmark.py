@@ -3,10 +3,11 @@ r"""Self-attention of packed rows against fixed-size clips: one layer, forward a
   python experiments/packed_attention_benchmark.py [--heads=4 --head_dim=64 --reps=10]
 
 Two rows of 1024 tokens packed with clips of the native shapes mix (2 x 8 x 8 patches: 16 to 224
-tokens, each at a multiple of the block), through `layers.windowed_segment_attention` at query blocks of 16 and 32
-(window 224, the largest clip) and through a dense segment-masked attention inside bins of 128-512
-tokens (a layout not built: timing only, these rows are not planned into bins); against 16 clips
-of 128 tokens with plain `jax.nn.dot_product_attention`. Prints one JSON line per variant (milliseconds). It times attention only: the rest of a packed step costs what a
+tokens, each at a multiple of the block), through `layers.windowed_segment_attention` at query
+blocks of 16 and 32 (window 224, the largest clip) and through a dense segment-masked attention
+inside bins of 128-512 tokens (a layout not built: timing only, these rows are not planned into
+bins); against 16 clips of 128 tokens with plain `jax.nn.dot_product_attention`. Prints one JSON
+line per variant (milliseconds). It times attention only: the rest of a packed step costs what a
 fixed-size step costs.
 """
 

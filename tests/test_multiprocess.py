@@ -32,7 +32,7 @@ def env(devices):
   return subprocess_env(devices)
 
 
-def run_one_process(main_flags, devices=8):
+def run_one_process(main_flags, devices):
   result = subprocess.run([sys.executable, '-m', 'sora_jax.main', *main_flags], cwd=ROOT, env=env(devices),
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
