@@ -6,7 +6,7 @@ The DiT trainer's pieces, for another model: the same data pipeline (the order a
 step), parameters and optimizer state created on the mesh, async Orbax checkpoints of the train
 state and EMA, metrics.jsonl and TensorBoard, progress with ETA, resume after a crash or SIGTERM.
 
-Loss per clip: L1 + MSE of the reconstruction (pixels in [-1, 1]) from a posterior sample, plus
+Loss per clip: `l1_weight` x L1 + MSE of the reconstruction (pixels in [-1, 1]) from a posterior sample, plus
 `kl_weight` x the KL divergence to N(0, 1) per latent value; optionally (`objective.adversarial.weight`
 > 0) an adversarial term: a per-frame PatchGAN discriminator (hinge loss, its own AdamW) trained from
 step `adversarial.start_step` on, and `weight` x -D(reconstruction) added to the VAE's loss from then. Every `eval_every_steps` the EMA
@@ -34,8 +34,11 @@ IS_VAE = lambda config: config.get('trainer', 'dit') == 'vae'  # noqa: E731
 
 def vae_config(config) -> vae.VAEConfig:
   m = config.model
+  spatial = m.get('spatial_downsample')
   return vae.VAEConfig(base_dim=m.base_dim, z_dim=m.z_dim, dim_mult=tuple(m.dim_mult),
-                       num_res_blocks=m.num_res_blocks, temporal_downsample=tuple(m.temporal_downsample))
+                       num_res_blocks=m.num_res_blocks, temporal_downsample=tuple(m.temporal_downsample),
+                       spatial_downsample=None if spatial is None else tuple(spatial),
+                       patch_size=m.get('patch_size', 1))
 
 
 def validate_config(config, num_devices: int) -> None:
@@ -161,7 +164,7 @@ def make_train_step(config, graphdef, tx, disc_graphdef=None, disc_tx=None):
     l1 = jnp.mean(jnp.abs(recon - x))
     mse = jnp.mean((recon - x) ** 2)
     kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1.0 - logvar)
-    loss = l1 + mse + config.objective.kl_weight * kl
+    loss = config.objective.get('l1_weight', 1.0) * l1 + mse + config.objective.kl_weight * kl
     parts = {'train/l1': l1, 'train/mse': mse, 'train/kl': kl}
     if adversarial:  # the generator's hinge term: push D(reconstruction) up (D itself fixed here)
       g_adv = -jnp.mean(nnx.merge(disc_graphdef, disc)(recon))

@@ -61,6 +61,27 @@ def test_an_image_is_a_one_frame_video(wan_vae_dir):
   assert model.decode(image_latent).shape == (1, 1, 16, 16, 3)
 
 
+def test_a_patched_vae_with_a_stage_that_keeps_its_size_is_still_causal_and_chunks_exactly():
+  # configs/vae_shapes.py's layout: 2 x 2 pixels to channels, then x2 in space once, x4 in time.
+  cfg = vae.VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, patch_size=2,
+                      spatial_downsample=(True, False), temporal_downsample=(True, True))
+  assert cfg.spatial_factor == 4 and cfg.latent_shape(9, 16, 24) == (3, 4, 6)
+  x = np.random.default_rng(4).uniform(-1, 1, (1, 9, 16, 24, 3)).astype(np.float32)
+  np.testing.assert_array_equal(vae.unpatchify(vae.patchify(x, 2), 2), x)
+  assert vae.patchify(x, 2)[0, 0, 1, 2].tolist() == x[0, 0, 2:4, 4:6].reshape(-1).tolist()
+  from flax import nnx
+  model = vae.VideoVAE(cfg, rngs=nnx.Rngs(0))
+  mean = np.asarray(model.encode(x)[0])
+  assert mean.shape == (1, 3, 4, 6, 4) and model.decode(mean).shape == x.shape
+  changed = x.copy()
+  changed[:, 5:] = 0.0  # frames 5..8 make latent frame 2
+  np.testing.assert_array_equal(np.asarray(model.encode(changed)[0])[:, :2], mean[:, :2])
+  np.testing.assert_allclose(vae.encode_chunked(model, x, chunk_frames=4)[0], mean, atol=1e-5)
+  np.testing.assert_allclose(vae.decode_chunked(model, mean, chunk_latents=1), model.decode(mean), atol=1e-5)
+  with pytest.raises(ValueError, match='spatial_downsample has 1 entries, expected one per downsampling stage \\(2\\)'):
+    vae.VAEConfig(dim_mult=(1, 2, 2), temporal_downsample=(True, True), spatial_downsample=(True,))
+
+
 def test_clip_sizes_the_vae_cannot_take_are_refused_by_name():
   cfg = vae.VAEConfig(base_dim=8, z_dim=4)
   assert cfg.latent_shape(17, 64, 96) == (5, 8, 12)

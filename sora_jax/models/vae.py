@@ -5,7 +5,9 @@ Shape letters: b batch, T H W frames/height/width, c channels; videos are [b, T,
 Time is causal: every temporal convolution pads only the past (with zeros), so a frame's latent
 never depends on later frames. Each temporal downsampling keeps the first frame on its own and
 strides 2 over the rest, so T = 1 + 4n frames become 1 + n latent frames (x4 with two temporal
-stages) and an image is simply a one-frame video. Space is compressed x2 per stage (x8 by default).
+stages) and an image is simply a one-frame video. Space is compressed x2 per stage (x8 by default),
+after an optional p x p patchify (`patch_size`, as in Wan 2.2's VAE); a stage may compress time only
+(`spatial_downsample`).
 
 This is the computation of diffusers' `AutoencoderKLWan` (which runs the same network chunk by
 chunk with feature caches), on the whole clip at once: convolutions over a zero-padded past equal
@@ -35,9 +37,11 @@ from sora_jax.models.axes import param
 class VAEConfig:
   base_dim: int = 96
   z_dim: int = 16  # latent channels
-  dim_mult: tuple[int, ...] = (1, 2, 4, 4)  # channels per stage: base_dim * mult; len - 1 spatial x2 stages
+  dim_mult: tuple[int, ...] = (1, 2, 4, 4)  # channels per stage: base_dim * mult; len - 1 resampling stages
   num_res_blocks: int = 2
   temporal_downsample: tuple[bool, ...] = (False, True, True)  # per stage; x2 in time where True
+  spatial_downsample: tuple[bool, ...] | None = None  # per stage; x2 in space where True (None: every stage)
+  patch_size: int = 1  # p x p pixels -> channels before the encoder (and back after the decoder)
   decoder_base_dim: int | None = None
   in_channels: int = 3
   latents_mean: tuple[float, ...] | None = None  # per channel: the DiT sees (z - mean) / std
@@ -47,6 +51,11 @@ class VAEConfig:
     if len(self.temporal_downsample) != len(self.dim_mult) - 1:
       raise ValueError(f'temporal_downsample has {len(self.temporal_downsample)} entries, expected one per '
                        f'downsampling stage ({len(self.dim_mult) - 1})')
+    if self.spatial_downsample is not None and len(self.spatial_downsample) != len(self.dim_mult) - 1:
+      raise ValueError(f'spatial_downsample has {len(self.spatial_downsample)} entries, expected one per '
+                       f'downsampling stage ({len(self.dim_mult) - 1})')
+    if self.patch_size < 1:
+      raise ValueError(f'patch_size={self.patch_size}: must be >= 1')
     for name in ('latents_mean', 'latents_std'):
       value = getattr(self, name)
       if value is not None and len(value) != self.z_dim:
@@ -57,8 +66,14 @@ class VAEConfig:
     return 2 ** sum(self.temporal_downsample)
 
   @property
+  def spatial_stages(self) -> tuple[bool, ...]:
+    if self.spatial_downsample is None:
+      return (True,) * (len(self.dim_mult) - 1)
+    return tuple(self.spatial_downsample)
+
+  @property
   def spatial_factor(self) -> int:
-    return 2 ** (len(self.dim_mult) - 1)
+    return self.patch_size * 2 ** sum(self.spatial_stages)
 
   def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
     """Latent (T, H, W) of a clip; raises for sizes the network cannot take."""
@@ -207,13 +222,16 @@ class AttentionBlock(nnx.Module):
 
 
 class Resample(nnx.Module):
-  """x2 down- or upsampling in space, and in time for the '3d' modes (first frame kept apart)."""
+  """x2 down- or upsampling in space, and in time for the '3d' modes (first frame kept apart).
+  `spatial=False` keeps the size in space (the 3x3 convolution then has stride 1)."""
 
-  def __init__(self, c: int, mode: str, *, rngs: nnx.Rngs):
+  def __init__(self, c: int, mode: str, *, rngs: nnx.Rngs, spatial: bool = True):
     self.mode = mode
+    self.spatial = spatial
     if mode.startswith('down'):
       # Zero-pad right and bottom by one, then a strided valid 3x3 convolution.
-      self.resample = Conv2d(c, c, 3, rngs=rngs, stride=2, padding=((0, 1), (0, 1)))
+      self.resample = (Conv2d(c, c, 3, rngs=rngs, stride=2, padding=((0, 1), (0, 1))) if spatial
+                       else Conv2d(c, c, 3, rngs=rngs))
       if mode == 'downsample3d':
         self.time_conv = CausalConv3d(c, c, (3, 1, 1), rngs=rngs, stride_t=2, pad_t=0)
     else:
@@ -233,7 +251,7 @@ class Resample(nnx.Module):
       elif stream is not None:
         stream.exchange(None)  # the conv's cache stays empty: zeros precede frame 1
       x_bthwc = jnp.concatenate([first, rest], axis=1)
-    if self.mode.startswith('up'):  # nearest x2 in space
+    if self.mode.startswith('up') and self.spatial:  # nearest x2 in space
       x_bthwc = jnp.repeat(jnp.repeat(x_bthwc, 2, axis=2), 2, axis=3)
     x_bthwc = self.resample(x_bthwc)
     if self.mode == 'downsample3d':  # frame 0 alone, then windows (0,1,2), (2,3,4), ...
@@ -259,24 +277,43 @@ class MidBlock(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def patchify(x_bthwc, p: int):
+  """[b, T, H, W, c] -> [b, T, H/p, W/p, p*p*c]: each p x p block of pixels becomes one position's channels."""
+  if p == 1:
+    return x_bthwc
+  b, t, h, w, c = x_bthwc.shape
+  return x_bthwc.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h // p, w // p, -1)
+
+
+def unpatchify(x_bthwc, p: int):
+  """The inverse of `patchify`."""
+  if p == 1:
+    return x_bthwc
+  b, t, h, w, c = x_bthwc.shape
+  x = x_bthwc.reshape(b, t, h, w, p, p, c // (p * p)).transpose(0, 1, 2, 4, 3, 5, 6)
+  return x.reshape(b, t, h * p, w * p, c // (p * p))
+
+
 class Encoder(nnx.Module):
   def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
     dims = [cfg.base_dim * m for m in (1,) + tuple(cfg.dim_mult)]
-    self.conv_in = CausalConv3d(cfg.in_channels, dims[0], rngs=rngs)
+    self.patch_size = cfg.patch_size
+    self.conv_in = CausalConv3d(cfg.in_channels * cfg.patch_size**2, dims[0], rngs=rngs)
     blocks = []
     for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
       for _ in range(cfg.num_res_blocks):
         blocks.append(ResidualBlock(c_in, c_out, rngs=rngs))
         c_in = c_out
       if i != len(cfg.dim_mult) - 1:
-        blocks.append(Resample(c_out, 'downsample3d' if cfg.temporal_downsample[i] else 'downsample2d', rngs=rngs))
+        blocks.append(Resample(c_out, 'downsample3d' if cfg.temporal_downsample[i] else 'downsample2d', rngs=rngs,
+                               spatial=cfg.spatial_stages[i]))
     self.down_blocks = nnx.List(blocks)
     self.mid_block = MidBlock(dims[-1], rngs=rngs)
     self.norm_out = ChannelRMSNorm(dims[-1], rngs=rngs)
     self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, rngs=rngs)
 
   def __call__(self, x, stream=None):
-    x = self.conv_in(x, stream)
+    x = self.conv_in(patchify(x, self.patch_size), stream)
     for block in self.down_blocks:
       x = block(x, stream)
     x = self.mid_block(x, stream)
@@ -284,10 +321,11 @@ class Encoder(nnx.Module):
 
 
 class UpBlock(nnx.Module):
-  def __init__(self, c_in: int, c_out: int, num_res_blocks: int, mode: str | None, *, rngs: nnx.Rngs):
+  def __init__(self, c_in: int, c_out: int, num_res_blocks: int, mode: str | None, *, rngs: nnx.Rngs,
+               spatial: bool = True):
     self.resnets = nnx.List([ResidualBlock(c_in if i == 0 else c_out, c_out, rngs=rngs)
                              for i in range(num_res_blocks + 1)])
-    self.upsamplers = nnx.List([Resample(c_out, mode, rngs=rngs)] if mode else [])
+    self.upsamplers = nnx.List([Resample(c_out, mode, rngs=rngs, spatial=spatial)] if mode else [])
 
   def __call__(self, x, stream=None):
     for resnet in self.resnets:
@@ -303,25 +341,28 @@ class Decoder(nnx.Module):
     mults = tuple(cfg.dim_mult)
     dims = [base * m for m in (mults[-1],) + mults[::-1]]
     temporal_upsample = tuple(cfg.temporal_downsample)[::-1]
+    spatial_upsample = cfg.spatial_stages[::-1]
     self.conv_in = CausalConv3d(cfg.z_dim, dims[0], rngs=rngs)
     self.mid_block = MidBlock(dims[0], rngs=rngs)
     blocks = []
     for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
       if i > 0:
         c_in //= 2  # the previous upsampler halved the channels
-      mode = None
+      mode, spatial = None, True
       if i != len(mults) - 1:
         mode = 'upsample3d' if temporal_upsample[i] else 'upsample2d'
-      blocks.append(UpBlock(c_in, c_out, cfg.num_res_blocks, mode, rngs=rngs))
+        spatial = spatial_upsample[i]
+      blocks.append(UpBlock(c_in, c_out, cfg.num_res_blocks, mode, rngs=rngs, spatial=spatial))
     self.up_blocks = nnx.List(blocks)
     self.norm_out = ChannelRMSNorm(dims[-1], rngs=rngs)
-    self.conv_out = CausalConv3d(dims[-1], cfg.in_channels, rngs=rngs)
+    self.patch_size = cfg.patch_size
+    self.conv_out = CausalConv3d(dims[-1], cfg.in_channels * cfg.patch_size**2, rngs=rngs)
 
   def __call__(self, z, stream=None):
     x = self.mid_block(self.conv_in(z, stream), stream)
     for block in self.up_blocks:
       x = block(x, stream)
-    return self.conv_out(jax.nn.silu(self.norm_out(x)), stream)
+    return unpatchify(self.conv_out(jax.nn.silu(self.norm_out(x)), stream), self.patch_size)
 
 
 class VideoVAE(nnx.Module):
