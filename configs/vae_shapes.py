@@ -4,8 +4,9 @@ r"""The causal video VAE (`sora_jax/models/vae.py`) trained on the `shapes` worl
 
 9 x 32 x 32 clips (1 + 4n frames: the first is encoded on its own) -> 3 x 8 x 8 x 16 latents
 (x4 in time and space). Eval: `eval/psnr` and `eval/ssim` of the EMA model on the validation clips, and
-original | reconstruction GIFs in WORKDIR/samples/. Sized for 15 minutes here (~0.68 s/step alone):
-eval/psnr 23.1 dB at step 1000, 24.3 at 1500, short of the 30 dB target (README.md, "Training a VAE here").
+original | reconstruction GIFs in WORKDIR/samples/. Sized for 15 minutes here (13.5 min, ~0.6 s/step):
+eval/psnr 23.3 dB after the 1250 steps (24.3 after 1500), short of the 30 dB target (README.md,
+"Training a VAE here").
 
 Variants: `tiny`, a seconds-long smoke run (tests use it).
 """
