@@ -218,6 +218,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
   train.prepare_workdir(workdir, overwrite)
   mngr = checkpoint.manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
   start_step = mngr.latest_step()
+  train.check_workdir(config, workdir, start_step is not None)  # same model and data, or a one-line error
   check_resume(config, workdir, start_step)
   if is_main:
     with open(os.path.join(workdir, 'config.json.tmp'), 'w') as f:

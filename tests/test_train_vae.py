@@ -56,6 +56,10 @@ def test_the_vae_config_trains_evaluates_restores_and_serves_a_dit(vae_config, t
   assert sorted(os.listdir(os.path.join(workdir, 'samples', '00000004'))) == ['reconstruction_0.gif', 'reconstruction_1.gif']
   restored = train_vae.train_and_evaluate(vae_config, workdir)  # resumes at step 4: nothing left to do
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), trained)
+  other = vae_shapes.get_config('tiny')
+  other.data.data_dir, other.model.base_dim = vae_config.data.data_dir, 16
+  with pytest.raises(UsageError, match='config.model.base_dim=8, this config has 16'):
+    train_vae.train_and_evaluate(other, workdir)  # another model in that workdir: refused before anything runs
   ae = autoencoder_lib.make(autoencoder_lib_config(workdir))
   assert ae.channels == 4 and ae.latent_shape(5, 32, 32) == (3, 16, 16)
   x = np.zeros((1, 5, 32, 32, 3), np.float32)
