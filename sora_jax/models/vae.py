@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sora_jax.models import dit
 from sora_jax.models.axes import param
 
 # ----------------------------------------------------------------------------------------------
@@ -278,11 +279,12 @@ class MidBlock(nnx.Module):
 
 
 def patchify(x_bthwc, p: int):
-  """[b, T, H, W, c] -> [b, T, H/p, W/p, p*p*c]: each p x p block of pixels becomes one position's channels."""
+  """[b, T, H, W, c] -> [b, T, H/p, W/p, p*p*c]: each p x p block of pixels becomes one position's
+  channels (the DiT's (1, p, p) patches, kept on their grid)."""
   if p == 1:
     return x_bthwc
-  b, t, h, w, c = x_bthwc.shape
-  return x_bthwc.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h // p, w // p, -1)
+  b, t, h, w, _ = x_bthwc.shape
+  return dit.patchify(x_bthwc, (1, p, p)).reshape(b, t, h // p, w // p, -1)
 
 
 def unpatchify(x_bthwc, p: int):
@@ -290,8 +292,7 @@ def unpatchify(x_bthwc, p: int):
   if p == 1:
     return x_bthwc
   b, t, h, w, c = x_bthwc.shape
-  x = x_bthwc.reshape(b, t, h, w, p, p, c // (p * p)).transpose(0, 1, 2, 4, 3, 5, 6)
-  return x.reshape(b, t, h * p, w * p, c // (p * p))
+  return dit.unpatchify(x_bthwc.reshape(b, t * h * w, c), (1, p, p), (t, h, w), c // (p * p))
 
 
 class Encoder(nnx.Module):
