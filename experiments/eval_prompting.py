@@ -15,7 +15,9 @@ Inputs are clips rendered here (`shapes.render_clip`, attributes, start and spee
   interpolate     given the first and last frames: the frames between follow the true path;
   edit            SDEdit of the clip at --strength to a caption of another color: that color, and
                   the clip's path (centroid error <= --max_error_px).
-  `*_error_px`: the median path error (image_to_video: distance from a straight line).
+  `*_error_px`: the median path error (image_to_video: distance from a straight line);
+  `*_speed_ratio` (extend, extend_backward): the median speed of the generated frames over the true
+  speed (centroid velocity fitted over those frames; < 1: the model slows the object down).
 """
 
 import json
@@ -78,6 +80,15 @@ def linear_motion_error(video_thwc) -> float:
   return float(np.mean(np.linalg.norm(c - fit, axis=-1)))
 
 
+def speed(video_thwc, frames) -> float:
+  """px/frame of the centroid over `frames` (a least-squares line); NaN where the object is lost."""
+  c = centroids(video_thwc)[frames]
+  if len(c) < 2 or not np.isfinite(c).all():
+    return float('nan')
+  t = np.flatnonzero(frames).astype(float)
+  return float(np.linalg.norm(np.polyfit(t - t.mean(), c, 1)[0]))
+
+
 def main(argv):
   del argv
   from sora_jax import sample
@@ -97,7 +108,7 @@ def main(argv):
     start = time.time()
     exact = []
     for mode in modes:
-      right, errors = [], []
+      right, errors, speed_ratios = [], [], []
       for first in range(0, FLAGS.cases, FLAGS.batch):
         cases = [random_case(rng, cfg) for _ in range(min(FLAGS.batch, FLAGS.cases - first))]
         clips = np.stack([c['video'] for c in cases])
@@ -127,6 +138,8 @@ def main(argv):
           exact.append(bool((videos[:, given] == clips[:, given]).all()))
           errs = [path_error(v, c, ~given) for v, c in zip(videos, clips)]
           errors.extend(errs)
+          if mode != 'interpolate':
+            speed_ratios.extend(speed(v, ~given) / speed(c, ~given) for v, c in zip(videos, clips))
           judged = [e <= FLAGS.max_error_px and adherence.judge_color(v[~given]) == shapes.parse_caption(p)[0]
                     for e, v, p in zip(errs, videos, prompts)]
         else:  # edit: another color, the same shape and direction
@@ -150,6 +163,8 @@ def main(argv):
       if errors:
         finite = [e for e in errors if np.isfinite(e)]
         result[f'{mode}_error_px'] = round(float(np.median(finite)), 2) if finite else None
+      if np.isfinite(speed_ratios).any():
+        result[f'{mode}_speed_ratio'] = round(float(np.nanmedian(speed_ratios)), 3)
     result.update(exact_given=all(exact), seconds=round(time.time() - start, 1), strength=FLAGS.strength,
                   guidance_scale=FLAGS.guidance_scale, frame_guidance_scale=FLAGS.frame_guidance_scale,
                   stochasticity=FLAGS.stochasticity, steps=FLAGS.steps)
