@@ -54,41 +54,6 @@ def random_case(rng: np.random.Generator, cfg) -> dict:
   return shapes.random_clip(rng, frames=d.frames, height=d.height, width=d.width, object_size=d.object_size)
 
 
-def centroids(video_thwc) -> np.ndarray:
-  """[T, 2] (y, x) centroid of the bright pixels per frame (NaN where a frame shows nothing)."""
-  out = []
-  for m in adherence.bright_mask(video_thwc):
-    ys, xs = np.nonzero(m)
-    out.append((ys.mean(), xs.mean()) if len(ys) else (np.nan, np.nan))
-  return np.array(out)
-
-
-def path_error(generated_thwc, truth_thwc, frames) -> float:
-  """Mean centroid distance (px) over `frames`; inf where the generated video lost the object."""
-  err = np.linalg.norm(centroids(generated_thwc)[frames] - centroids(truth_thwc)[frames], axis=-1)
-  return float(np.mean(err)) if np.isfinite(err).all() else float('inf')
-
-
-def linear_motion_error(video_thwc) -> float:
-  """Mean distance (px) of the centroids from the best straight line at constant speed; inf where
-  the object is lost."""
-  c = centroids(video_thwc)
-  if not np.isfinite(c).all():
-    return float('inf')
-  t = np.stack([np.ones(len(c)), np.arange(len(c))], axis=1)
-  fit = t @ np.linalg.lstsq(t, c, rcond=None)[0]
-  return float(np.mean(np.linalg.norm(c - fit, axis=-1)))
-
-
-def speed(video_thwc, frames) -> float:
-  """px/frame of the centroid over `frames` (a least-squares line); NaN where the object is lost."""
-  c = centroids(video_thwc)[frames]
-  if len(c) < 2 or not np.isfinite(c).all():
-    return float('nan')
-  t = np.flatnonzero(frames).astype(float)
-  return float(np.linalg.norm(np.polyfit(t - t.mean(), c, 1)[0]))
-
-
 def main(argv):
   del argv
   from sora_jax import sample
@@ -119,7 +84,7 @@ def main(argv):
           given = np.zeros(T, bool)
           given[0] = True
           videos = sample.generate(model, prompts, given=clips, given_mask=given, seed=seed, **kw)
-          errs = [linear_motion_error(v) for v in videos]
+          errs = [adherence.linear_motion_error(v) for v in videos]
           errors.extend(errs)
           judged = [e <= FLAGS.max_error_px and adherence.judge_color(v[1:]) == shapes.parse_caption(p)[0] and
                     adherence.judge_direction(v) == shapes.parse_caption(p)[2]
@@ -136,10 +101,11 @@ def main(argv):
             given[[0, -1]] = True
           videos = sample.generate(model, prompts, given=clips, given_mask=given, seed=seed, **kw)
           exact.append(bool((videos[:, given] == clips[:, given]).all()))
-          errs = [path_error(v, c, ~given) for v, c in zip(videos, clips)]
+          errs = [adherence.path_error(v, c, ~given) for v, c in zip(videos, clips)]
           errors.extend(errs)
           if mode != 'interpolate':
-            speed_ratios.extend(speed(v, ~given) / speed(c, ~given) for v, c in zip(videos, clips))
+            speed_ratios.extend(adherence.speed(v, ~given) / adherence.speed(c, ~given)
+                                for v, c in zip(videos, clips))
           judged = [e <= FLAGS.max_error_px and adherence.judge_color(v[~given]) == shapes.parse_caption(p)[0]
                     for e, v, p in zip(errs, videos, prompts)]
         else:  # edit: another color, the same shape and direction
@@ -150,7 +116,7 @@ def main(argv):
             other = [x for x in colors if x != color]
             prompts.append(shapes.caption(other[int(rng.integers(len(other)))], shape, direction))
           videos = sample.generate(model, prompts, edit=clips, strength=FLAGS.strength, seed=seed, **kw)
-          errs = [path_error(v, c, np.ones(T, bool)) for v, c in zip(videos, clips)]
+          errs = [adherence.path_error(v, c, np.ones(T, bool)) for v, c in zip(videos, clips)]
           errors.extend(errs)
           judged = [e <= FLAGS.max_error_px and adherence.judge_color(v) == shapes.parse_caption(p)[0]
                     for e, v, p in zip(errs, videos, prompts)]

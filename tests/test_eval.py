@@ -1,6 +1,6 @@
-"""Evaluation: the Fréchet distance, FVD's behaviour, the I3D import, the shapes classifier and the prompting judge."""
+"""Evaluation: the Fréchet distance, FVD's behaviour, the I3D import, the shapes classifier and the
+prompting judge's paths."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -9,7 +9,7 @@ import scipy.linalg
 
 from sora_jax import UsageError
 from sora_jax.data import shapes
-from sora_jax.eval import classifier, fvd, i3d
+from sora_jax.eval import adherence, classifier, fvd, i3d
 
 
 def _random_stats(rng, n=400, d=6):
@@ -142,25 +142,17 @@ def test_shapes_classifier_is_cached_and_its_fvd_separates_real_from_corrupted(s
   assert same_distribution < fvd.fvd(again.features, videos, blurred)
 
 
-def _eval_prompting():
-  spec = importlib.util.spec_from_file_location(
-      'eval_prompting', os.path.join(os.path.dirname(__file__), '..', 'experiments', 'eval_prompting.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_the_prompting_judge_measures_path_error_and_speed_of_the_generated_frames():
-  judge = _eval_prompting()
-  clip = lambda displacement: shapes.render_clip('red', 'square', 'right', frames=8, height=32, width=32,
-                                                 object_size=12, start_yx=(16.0, 7.0), displacement=displacement)
+  clip = lambda displacement: shapes.render_clip(
+      'red', 'square', 'right', frames=8, height=32, width=32, object_size=12, start_yx=(16.0, 7.0),
+      displacement=displacement)
   truth, slow = clip(16.0), clip(8.0)  # 16 px over 7 frames; the same start at half the speed
   later = np.arange(8) >= 4
-  assert judge.path_error(truth, truth, later) == 0.0
-  assert judge.speed(truth, later) / judge.speed(truth, ~later) == pytest.approx(1.0, abs=0.15)
-  assert judge.speed(slow, later) / judge.speed(truth, later) == pytest.approx(0.5, abs=0.1)
+  assert adherence.path_error(truth, truth, later) == 0.0
+  assert adherence.speed(truth, later) / adherence.speed(truth, ~later) == pytest.approx(1.0, abs=0.15)
+  assert adherence.speed(slow, later) / adherence.speed(truth, later) == pytest.approx(0.5, abs=0.1)
   # Half the speed from the same start: frame t is 8 t / 7 px behind, 4.6 px on average over frames 4-7.
-  assert judge.path_error(slow, truth, later) == pytest.approx(8 / 7 * 5.5, abs=0.6)
+  assert adherence.path_error(slow, truth, later) == pytest.approx(8 / 7 * 5.5, abs=0.6)
   lost = truth.copy()
   lost[6] = 0
-  assert judge.path_error(lost, truth, later) == float('inf') and np.isnan(judge.speed(lost, later))
+  assert adherence.path_error(lost, truth, later) == float('inf') and np.isnan(adherence.speed(lost, later))

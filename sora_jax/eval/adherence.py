@@ -4,7 +4,9 @@ Measured directly on pixels, with no learned model:
   color      the nearest pure color to the mean RGB of the bright pixels;
   direction  the dominant axis and sign of the bright-pixel centroid's motion, first to last frame;
   shape      the fill ratio of the bright pixels in their bounding box (square 1, circle pi/4,
-             triangle 1/2), averaged over frames.
+             triangle 1/2), averaged over frames;
+and, for videos made from given frames, the path: the bright-pixel centroid per frame, its distance
+from a true path or a straight line, and its speed.
 """
 
 import numpy as np
@@ -58,6 +60,43 @@ def judge_shape(video_thwc) -> str | None:
   if ratio < _TRIANGLE_CIRCLE:
     return 'triangle'
   return 'circle' if ratio < _CIRCLE_SQUARE else 'square'
+
+
+# Paths, for prompting with frames (experiments/eval_prompting.py): where the object is, frame by frame.
+
+def centroids(video_thwc) -> np.ndarray:
+  """[T, 2] (y, x) centroid of the bright pixels per frame (NaN where a frame shows nothing)."""
+  out = []
+  for m in bright_mask(video_thwc):
+    ys, xs = np.nonzero(m)
+    out.append((ys.mean(), xs.mean()) if len(ys) else (np.nan, np.nan))
+  return np.array(out)
+
+
+def path_error(generated_thwc, truth_thwc, frames) -> float:
+  """Mean centroid distance (px) over `frames`; inf where the generated video lost the object."""
+  err = np.linalg.norm(centroids(generated_thwc)[frames] - centroids(truth_thwc)[frames], axis=-1)
+  return float(np.mean(err)) if np.isfinite(err).all() else float('inf')
+
+
+def linear_motion_error(video_thwc) -> float:
+  """Mean distance (px) of the centroids from the best straight line at constant speed; inf where
+  the object is lost."""
+  c = centroids(video_thwc)
+  if not np.isfinite(c).all():
+    return float('inf')
+  t = np.stack([np.ones(len(c)), np.arange(len(c))], axis=1)
+  fit = t @ np.linalg.lstsq(t, c, rcond=None)[0]
+  return float(np.mean(np.linalg.norm(c - fit, axis=-1)))
+
+
+def speed(video_thwc, frames) -> float:
+  """px/frame of the centroid over `frames` (a least-squares line); NaN where the object is lost."""
+  c = centroids(video_thwc)[frames]
+  if len(c) < 2 or not np.isfinite(c).all():
+    return float('nan')
+  t = np.flatnonzero(frames).astype(float)
+  return float(np.linalg.norm(np.polyfit(t - t.mean(), c, 1)[0]))
 
 
 def score(videos, prompts: list[str]) -> dict:
