@@ -34,11 +34,10 @@ def judge_color(video_thwc) -> str | None:
 
 
 def judge_direction(video_thwc) -> str | None:
-  mask = bright_mask(video_thwc)
-  frames = [np.argwhere(m) for m in mask]
-  if len(frames) < 2 or not len(frames[0]) or not len(frames[-1]):
+  c = centroids(video_thwc)
+  if len(c) < 2 or not np.isfinite(c[[0, -1]]).all():
     return None
-  dy, dx = frames[-1].mean(axis=0) - frames[0].mean(axis=0)
+  dy, dx = c[-1] - c[0]
   if abs(dx) >= abs(dy):
     return 'right' if dx > 0 else 'left'
   return 'down' if dy > 0 else 'up'
