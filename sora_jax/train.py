@@ -5,6 +5,7 @@ Phases: validate config -> mesh -> input -> model + optimizer (abstract) -> shar
 This is the only module that reads the whole experiment config.
 """
 
+import copy
 import json
 import math
 import os
@@ -284,6 +285,14 @@ def validate_sizes(config, autoencoder) -> None:
     for bad, what in unsupported:
       if bad:
         raise UsageError(f'config.buckets.tokens_per_step={n}: bucketed training does not support {what} yet')
+  if packing_on(config) and config.packing.get('curriculum_steps'):
+    steps, first = config.packing.curriculum_steps, config.packing.get('curriculum_sizes') or ''
+    if not isinstance(steps, int) or steps < 0:
+      raise UsageError(f'config.packing.curriculum_steps={steps!r}: must be a non-negative integer (0: off)')
+    allowed = set(shapes_data.parse_sizes(sizes)) if sizes else set()
+    if not first or set(shapes_data.parse_sizes(first)) - allowed:
+      raise UsageError(f'config.packing.curriculum_sizes={first!r}: give some of config.data.sizes={sizes!r} '
+                       f'(the sizes of the first config.packing.curriculum_steps={steps} steps)')
   if not sizes:
     return
   if not (packing_on(config) or buckets_on(config)):
@@ -604,6 +613,43 @@ class StopSignal:
       signal.signal(sig, handler)
 
 
+def curriculum_steps(config) -> int:
+  """The steps that pack only `config.packing.curriculum_sizes` (0: no curriculum)."""
+  return config.packing.get('curriculum_steps', 0) if packing_on(config) else 0
+
+
+def curriculum_config(config):
+  """`config` as the curriculum's steps see it: clips of `curriculum_sizes` only, so `packed_layout`'s
+  attention window is their largest (the same math as the full config's, less work)."""
+  first = copy.deepcopy(config)
+  first.data.sizes = config.packing.curriculum_sizes
+  return first
+
+
+def packed_stream(config, source):
+  """The packed rows training reads (`packing.PackedRows`): with `config.packing.curriculum_steps`,
+  the first steps pack only clips of `curriculum_sizes`, then every size (`packing.Curriculum`)."""
+  p = config.packing
+  sizes = pipeline.clip_sizes(source)
+  counts = [packing.tokens_of(size, config.model.patch) for size in sizes]
+  rows = lambda examples=None: packing.PackedRows(  # noqa: E731
+      source, counts, patch=config.model.patch, length=p.row_length, max_segments=p.max_segments,
+      seed=config.data.seed, align=p.get('block', 0) or 1, examples=examples)
+  stream = rows()
+  logging.info('packing: %d rows of %d tokens per epoch, %.3f of their tokens used (not padding)',
+               len(stream.epoch(0)), p.row_length, stream.epoch_efficiency(0))
+  if not p.get('curriculum_steps'):
+    return stream
+  first_sizes = set(shapes_data.parse_sizes(p.curriculum_sizes))
+  examples = [i for i, size in enumerate(sizes) if size in first_sizes]
+  if not examples:
+    raise UsageError(f'config.packing.curriculum_sizes={p.curriculum_sizes!r}: no training clip has these sizes')
+  first = rows(examples)
+  logging.info('curriculum: steps 0..%d pack the %d clips of %s only (%.3f of their row tokens used)',
+               p.curriculum_steps, len(examples), p.curriculum_sizes, first.epoch_efficiency(0))
+  return packing.Curriculum(first, p.curriculum_steps * config.batch_size, stream)
+
+
 def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final state.
 
@@ -666,16 +712,15 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
     batch_shardings = {k: sharding.batch_sharding(mesh, nd, rules) for k, nd in batch_ndims(config).items()}
     step_fn = jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings, text_encoder,
                              frozen)
+    first_steps, first_step_fn = curriculum_steps(config), None
+    if first_steps > start_step:  # the same step, its attention windows as long as the curriculum's largest clip
+      first_step_fn = jit_train_step(curriculum_config(config), graphdef, tx, autoencoder, mesh, shardings,
+                                     batch_shardings, text_encoder, frozen)
 
     # --- The loop. ---
     stream = source
     if packing_on(config):  # rows of several samples each, in a seeded order of their own
-      counts = [packing.tokens_of(size, config.model.patch) for size in pipeline.clip_sizes(source)]
-      stream = packing.PackedRows(source, counts, patch=config.model.patch, length=config.packing.row_length,
-                                  max_segments=config.packing.max_segments, seed=config.data.seed,
-                                  align=config.packing.get('block', 0) or 1)
-      logging.info('packing: %d rows of %d tokens per epoch, %.3f of their tokens used (not padding)',
-                   len(stream.epoch(0)), config.packing.row_length, stream.epoch_efficiency(0))
+      stream = packed_stream(config, source)
     elif buckets_on(config):  # each batch one size, its batch size set by config.buckets.tokens_per_step
       stream = buckets.BucketedBatches(source, pipeline.clip_sizes(source), patch=config.model.patch,
                                        tokens_per_step=config.buckets.tokens_per_step,
@@ -685,6 +730,9 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
                                        process_count=jax.process_count())
       logging.info('buckets: %s; %.0f tokens per step on average; %.3f of the clips in each epoch\'s batches',
                    buckets.describe(stream), buckets.mean_tokens_per_step(stream), stream.epoch_usage(0))
+      if config.get('packing', {}).get('curriculum_steps'):
+        logging.warning('config.packing.curriculum_steps=%d is for packed rows: buckets train every size from '
+                        'step 0', config.packing.curriculum_steps)
       starved = buckets.starved(stream)
       if starved:
         logging.warning('buckets %s have fewer clips than one batch: never trained on', starved)
@@ -711,7 +759,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
         window_tokens += (stream.step_tokens(step, config.batch_size) if packing_on(config)  # rows differ by process
                           else real_tokens(config, autoencoder, local) * jax.process_count())
         batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], local[k]) for k in batch_shardings}
-        state, step_metrics = step_fn(state, batch, frozen)
+        state, step_metrics = (first_step_fn if step < first_steps else step_fn)(state, batch, frozen)
         pending.append(step_metrics)
         done = step + 1
         is_log_step = done % config.log_every_steps == 0 or done == config.total_steps

@@ -233,6 +233,42 @@ def test_packed_rows_stream_every_example_once_per_epoch_deterministically(tmp_p
   assert sum(counts) / (16 * n) > 0.8
 
 
+def test_a_curriculum_packs_only_its_sizes_for_its_first_rows_then_every_size(tmp_path):
+  from sora_jax.data import pipeline, shapes
+  builder = shapes.build(str(tmp_path), sizes='2x8x8,4x8x16,2x16x8', num_train=40, num_validation=4, object_size=6)
+  import tensorflow_datasets as tfds
+  source = pipeline.SkipBadRecords(tfds.data_source(f'shapes/{builder.builder_config.name}', split='train',
+                                                    data_dir=str(tmp_path)), max_text_len=32)
+  sizes = pipeline.clip_sizes(source)
+  counts = [packing.tokens_of(size, PATCH) for size in sizes]
+  kw = dict(patch=PATCH, length=16, max_segments=6, seed=0)
+  small = [i for i, size in enumerate(sizes) if size == (2, 8, 8)]
+  stream = packing.Curriculum(packing.PackedRows(source, counts, examples=small, **kw), 30,
+                              packing.PackedRows(source, counts, **kw))
+  first = [stream.row_examples(r) for r in range(30)]  # 30 rows: several epochs of the small clips
+  assert {i for row in first for i in row} == set(small)
+  assert stream.row_examples(30) == packing.PackedRows(source, counts, **kw).row_examples(0)
+  assert stream.step_tokens(0, 2) == sum(counts[i] for row in first[:2] for i in row)
+  assert (stream[3]['frames_n'][stream[3]['frames_n'] > 0] == 2).all()
+
+
+def test_a_curriculum_must_name_some_of_the_data_sizes():
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import shapes_native
+  from sora_jax import UsageError, train
+  config = shapes_native.get_config('tiny')
+  config.packing.update(curriculum_steps=2, curriculum_sizes='2x16x16')
+  train.validate_config(config, 1)
+  config.packing.curriculum_sizes = '2x32x32'
+  with pytest.raises(UsageError, match=r'config.packing.curriculum_sizes=.2x32x32.: give some of config.data.sizes'):
+    train.validate_config(config, 1)
+  config.packing.curriculum_sizes = ''
+  with pytest.raises(UsageError, match='config.packing.curriculum_sizes'):
+    train.validate_config(config, 1)
+
+
 @pytest.mark.slow
 def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tmp_path):
   import os

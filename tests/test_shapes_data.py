@@ -146,3 +146,21 @@ def test_a_native_size_dataset_draws_each_clip_size_from_its_list_and_images_nam
     shapes.make_config(sizes='8x32')
   with pytest.raises(Exception, match='does not fit in a 8x32 frame'):
     shapes.make_config(sizes='8x8x32', object_size=12)
+
+
+def test_a_dataset_larger_than_tfds_memory_buffer_builds_without_tensorflow(tmp_path, monkeypatch):
+  # TFDS spills examples past its in-memory limit (1 GB) to bucket files through tf.io.gfile; here the
+  # limit is 1 KB, so every build spills: the records must come out as in an in-memory build.
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core import shuffle
+  from sora_jax.data import shapes
+  kw = dict(frames=2, height=16, width=16, object_size=6, num_train=24, num_validation=4)
+  memory = shapes.build(str(tmp_path / 'memory'), **kw)
+  monkeypatch.setattr(shuffle, 'MAX_MEM_BUFFER_SIZE', 1000)
+  spilled = shapes.build(str(tmp_path / 'spilled'), **kw)
+  read = lambda b, d: tfds.data_source(f'shapes/{b.builder_config.name}', split='train', data_dir=str(tmp_path / d))
+  a, b = read(memory, 'memory'), read(spilled, 'spilled')
+  assert len(a) == len(b) == 24
+  for x, y in zip(a, b):  # the same records in the same (key-hashed) order
+    assert x['caption'] == y['caption']
+    np.testing.assert_array_equal(x['video'], y['video'])

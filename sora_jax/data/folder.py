@@ -41,7 +41,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from sora_jax import UsageError
+from sora_jax import UsageError, data
 
 VIDEO_SUFFIXES = ('.mp4', '.webm', '.mov', '.mkv', '.avi')
 CAPTIONS_JSONL = 'captions.jsonl'
@@ -373,7 +373,7 @@ def build(folder: str, data_dir: str | None, *, frames: int, height: int, width:
                                            validation_fraction=validation_fraction, sizes=sizes),
                         data_dir=data_dir)
   if not builder.is_prepared():
-    builder.download_and_prepare(file_format='array_record')
+    data.prepare(builder)
     stats = builder.info.metadata
     skipped = stats['skipped_unreadable'] + stats['skipped_too_short']
     logging.log(logging.WARNING if skipped else logging.INFO, '%s: %s', folder, summary(builder))

@@ -156,10 +156,15 @@ class PackedRows:
   (unused slots: all False), 'frames_n' int32 [max_segments] (0: unused slot)}.
   """
 
-  def __init__(self, source, token_counts, *, patch, length: int, max_segments: int, seed: int, align: int = 1):
+  def __init__(self, source, token_counts, *, patch, length: int, max_segments: int, seed: int, align: int = 1,
+               examples=None):
     self.source, self.patch, self.length, self.max_segments, self.seed = source, tuple(patch), length, max_segments, seed
     self.align = align  # each sample starts at a multiple of align tokens (see `pack`)
     self.counts = np.asarray(token_counts)
+    # The example indices an epoch visits (e.g. the clips of some sizes only); None: all.
+    self.examples = np.arange(len(self.counts)) if examples is None else np.asarray(examples, np.int64)
+    if not len(self.examples):
+      raise ValueError('PackedRows: no examples to pack')
     self._plans = EpochPlans(self._plan)
 
   def __len__(self):
@@ -171,7 +176,7 @@ class PackedRows:
     return float(sum(self.counts[i] for row in rows for i in row) / (len(rows) * self.length))
 
   def _plan(self, e: int) -> list:
-    order = np.random.default_rng([self.seed, e]).permutation(len(self.counts))
+    order = self.examples[np.random.default_rng([self.seed, e]).permutation(len(self.examples))]
     rows = plan_rows(self.counts[order], self.length, self.max_segments, align=self.align)
     return [[int(order[i]) for i in row] for row in rows]
 
@@ -201,3 +206,25 @@ class PackedRows:
       tokens[i], mask[i], frames[i] = ex['tokens'], ex['token_mask'], x.shape[0]
     return dict(x_sp=row['x_sp'], segment_s=row['segment_s'], pos_s3=row['pos_s3'], tokens=tokens,
                 token_mask=mask, frames_n=frames)
+
+
+class Curriculum:
+  """Stream rows of `first` for the first `first_rows` rows, then those of `then` (from its row 0):
+  e.g. short, small clips only for the first steps, then every size (`config.data.curriculum`).
+  Both pack examples of one source, so a row is still a pure function of (seed, row)."""
+
+  def __init__(self, first: PackedRows, first_rows: int, then: PackedRows):
+    self.first, self.first_rows, self.then = first, first_rows, then
+    self.counts = then.counts
+
+  def __len__(self):
+    return 2**40
+
+  def row_examples(self, r: int) -> list:
+    return self.first.row_examples(r) if r < self.first_rows else self.then.row_examples(r - self.first_rows)
+
+  step_tokens = PackedRows.step_tokens  # from self.counts and self.row_examples
+
+  def __getitem__(self, r: int) -> dict:
+    r = int(r)
+    return self.first[r] if r < self.first_rows else self.then[r - self.first_rows]

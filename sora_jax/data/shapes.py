@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sora_jax import UsageError
+from sora_jax import UsageError, data
 
 COLORS = {
     'red': (255, 0, 0),
@@ -202,5 +202,5 @@ def build(data_dir: str | None = None, **kwargs) -> Shapes:
   config = make_config(**kwargs)
   known = {c.name for c in Shapes.BUILDER_CONFIGS}  # TFDS refuses a custom config named like these
   builder = Shapes(config=config.name if config.name in known else config, data_dir=data_dir)
-  builder.download_and_prepare(file_format='array_record')
+  data.prepare(builder)
   return builder
