@@ -9,7 +9,8 @@ and each clip has its own caption, timestep and time shift. Each clip starts at 
 `packing.block` = 16 tokens, so attention works on 16-query blocks of one clip each, against that
 clip's (at most 224) tokens and its own caption, not the whole row (layers.PackedLayout). Patches
 are 2 x 8 x 8 like configs/shapes.py; an image (a one-frame clip) trains and samples as a still clip
-of 2 identical frames (`dit.repeat_stills`). `tiny` is a seconds-long smoke run.
+of 2 identical frames (`dit.repeat_stills`). The first `packing.curriculum_steps` = 1200 steps pack
+8x32x32 clips only, where direction is learned fastest, then every size. `tiny` is a seconds-long smoke run.
 
 For comparison, aspect-ratio/duration buckets instead of packing (each batch one size, about 2048
 tokens per step; sora_jax/data/buckets.py):
