@@ -249,7 +249,8 @@ def validate_packing(config) -> None:
       (config.data.name not in ('shapes', 'folder'), f'config.data.name={config.data.name!r} (packing reads clips: "shapes" or "folder")'),
       (config.autoencoder.kind != 'identity', f'config.autoencoder.kind={config.autoencoder.kind!r} (pixel space only)'),
       (text_lib.is_frozen(config) or dit.is_class_conditional(config.model), 'a frozen text encoder or class labels'),
-      (frame_conditioning_on(config) and config.frame_conditioning.get('noise_max', 0) > 0,
+      ((frame_conditioning_on(config) or p.get('curriculum_frame_conditioning'))
+       and config.frame_conditioning.get('noise_max', 0) > 0,
        'config.frame_conditioning.noise_max > 0 (noised given frames)'),
       (config.grad_accum_steps != 1, f'config.grad_accum_steps={config.grad_accum_steps}'),
       (evaluator_lib.enabled(config), 'config.eval.every_steps > 0 (evaluation reads fixed-size clips)'),
@@ -293,6 +294,15 @@ def validate_sizes(config, autoencoder) -> None:
     if not first or set(shapes_data.parse_sizes(first)) - allowed:
       raise UsageError(f'config.packing.curriculum_sizes={first!r}: give some of config.data.sizes={sizes!r} '
                        f'(the sizes of the first config.packing.curriculum_steps={steps} steps)')
+    fc = config.packing.get('curriculum_frame_conditioning')
+    if fc is not None and not (isinstance(fc, (int, float)) and 0 <= fc <= 1):
+      raise UsageError(f'config.packing.curriculum_frame_conditioning={fc!r}: must be in [0, 1] (or None: '
+                       'config.frame_conditioning.probability)')
+    if fc and not config.model.get('frame_conditioning', False):
+      raise UsageError(f'config.packing.curriculum_frame_conditioning={fc} needs a model that marks given '
+                       'frames: set config.model.frame_conditioning=True')
+    if fc:
+      validate_frame_conditioning(curriculum_config(config))  # its strategies
   if not sizes:
     return
   if not (packing_on(config) or buckets_on(config)):
@@ -620,9 +630,12 @@ def curriculum_steps(config) -> int:
 
 def curriculum_config(config):
   """`config` as the curriculum's steps see it: clips of `curriculum_sizes` only, so `packed_layout`'s
-  attention window is their largest (the same math as the full config's, less work)."""
+  attention window is their largest (the same math as the full config's, less work), and
+  `curriculum_frame_conditioning` (if set) as the share of clips given frames."""
   first = copy.deepcopy(config)
   first.data.sizes = config.packing.curriculum_sizes
+  if config.packing.get('curriculum_frame_conditioning') is not None and 'frame_conditioning' in config:
+    first.frame_conditioning.probability = float(config.packing.curriculum_frame_conditioning)
   return first
 
 

@@ -269,6 +269,30 @@ def test_a_curriculum_must_name_some_of_the_data_sizes():
     train.validate_config(config, 1)
 
 
+def test_the_curriculum_steps_give_frames_at_their_own_probability():
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import shapes_native
+  from sora_jax import UsageError, train
+  config = shapes_native.get_config('tiny')
+  config.frame_conditioning.probability = 0.0
+  config.packing.update(curriculum_steps=2, curriculum_sizes='2x16x16', curriculum_frame_conditioning=0.7)
+  train.validate_config(config, 1)
+  first = train.curriculum_config(config)  # what the first steps' train step is built from
+  assert first.frame_conditioning.probability == 0.7 and train.frame_conditioning_on(first)
+  assert config.frame_conditioning.probability == 0.0 and not train.frame_conditioning_on(config)
+  config.packing.curriculum_frame_conditioning = None  # unset: the config's probability throughout
+  assert train.curriculum_config(config).frame_conditioning.probability == 0.0
+  config.packing.curriculum_frame_conditioning = 1.5
+  with pytest.raises(UsageError, match=r'config.packing.curriculum_frame_conditioning=1.5: must be in \[0, 1\]'):
+    train.validate_config(config, 1)
+  config.packing.curriculum_frame_conditioning = 0.5
+  config.model.frame_conditioning = False
+  with pytest.raises(UsageError, match='config.packing.curriculum_frame_conditioning=0.5 needs a model'):
+    train.validate_config(config, 1)
+
+
 @pytest.mark.slow
 def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tmp_path):
   import os
