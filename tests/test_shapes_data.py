@@ -37,7 +37,14 @@ def test_the_analytic_judge_agrees_with_the_labels_of_real_clips():
   rng = np.random.default_rng(1)
   clips = [shapes.random_clip(rng, frames=8, height=32, width=32, object_size=12) for _ in range(60)]
   result = adherence.score([c['video'] for c in clips], [c['caption'] for c in clips])
-  assert result['all'] == 1.0
+  assert result['all'] == 1.0 and all(result[f'shape_{name}'] == 1.0 for name in shapes.SHAPES)
+  # Captions that call every square a circle: only circles' score drops, by the squares' share.
+  relabeled = [c['caption'].replace('square', 'circle') for c in clips]
+  result = adherence.score([c['video'] for c in clips], relabeled)
+  squares = sum('square' in c['caption'] for c in clips)
+  circles = sum('circle' in c['caption'] for c in clips)
+  assert 'shape_square' not in result and result['shape_triangle'] == 1.0
+  assert result['shape_circle'] == pytest.approx(circles / (circles + squares))
 
 
 def source_of(data_dir):

@@ -99,8 +99,9 @@ def speed(video_thwc, frames) -> float:
 
 
 def score(videos, prompts: list[str]) -> dict:
-  """Fractions of videos whose color, direction and shape match their prompts (and all three)."""
-  hits = {'color': [], 'direction': [], 'shape': [], 'all': []}
+  """Fractions of videos whose color, direction and shape match their prompts (and all three), and
+  `shape_<name>`: the shape's fraction among the prompts naming that shape (which shape fails)."""
+  hits = {'color': [], 'direction': [], 'shape': [], 'all': []} | {f'shape_{name}': [] for name in shapes.SHAPES}
   for v, prompt in zip(videos, prompts):
     parsed = shapes.parse_caption(prompt)
     if parsed is None:
@@ -111,5 +112,6 @@ def score(videos, prompts: list[str]) -> dict:
       ok['direction'] = judge_direction(v) == direction
     for key, hit in ok.items():
       hits[key].append(hit)
+    hits[f'shape_{shape}'].append(ok['shape'])
     hits['all'].append(all(ok.values()))
   return {k: float(np.mean(v)) for k, v in hits.items() if v} | {'n': len(prompts)}  # no key without prompts

@@ -7,7 +7,8 @@ first `config.eval.num_videos` validation clips:
   eval/fvd          FVD between the clips and samples for their captions (`config.eval.features`:
                     the `shapes` classifier, the I3D from `config.eval.i3d_path`, or none). With
                     few videos the value is biased upward; compare it only at one `num_videos`;
-  eval/adherence/*  on `shapes`: analytic color / shape / direction / all accuracy of the samples,
+  eval/adherence/*  on `shapes`: analytic color / shape / direction / all accuracy of the samples
+                    (and shape_<name>: per asked shape),
                     and (with the classifier as features) eval/learned_adherence/* from its heads;
 and the first `config.eval.videos_to_tensorboard` samples go to TensorBoard.
 """
