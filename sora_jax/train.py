@@ -298,10 +298,10 @@ def validate_sizes(config, autoencoder) -> None:
     if fc is not None and not (isinstance(fc, (int, float)) and 0 <= fc <= 1):
       raise UsageError(f'config.packing.curriculum_frame_conditioning={fc!r}: must be in [0, 1] (or None: '
                        'config.frame_conditioning.probability)')
-    if fc and not config.model.get('frame_conditioning', False):
-      raise UsageError(f'config.packing.curriculum_frame_conditioning={fc} needs a model that marks given '
-                       'frames: set config.model.frame_conditioning=True')
     if fc:
+      if not config.model.get('frame_conditioning', False):
+        raise UsageError(f'config.packing.curriculum_frame_conditioning={fc} needs a model that marks given '
+                         'frames: set config.model.frame_conditioning=True')
       validate_frame_conditioning(curriculum_config(config))  # its strategies
   if not sizes:
     return

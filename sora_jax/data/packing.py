@@ -210,7 +210,7 @@ class PackedRows:
 
 class Curriculum:
   """Stream rows of `first` for the first `first_rows` rows, then those of `then` (from its row 0):
-  e.g. short, small clips only for the first steps, then every size (`config.data.curriculum`).
+  e.g. short, small clips only for the first steps, then every size (`config.packing.curriculum_*`).
   Both pack examples of one source, so a row is still a pure function of (seed, row)."""
 
   def __init__(self, first: PackedRows, first_rows: int, then: PackedRows):
