@@ -3,16 +3,19 @@ r"""Shapes at native sizes, packed: clips of 1 (images), 8 and 16 frames, square
   python -m sora_jax.main --config=configs/shapes_native.py --workdir=runs/native
   python -m sora_jax.sample --workdir=runs/native --prompt="a red circle moving right" --height=32 --width=56 --out=wide.gif
 
-Every clip keeps its own size (nothing cropped or padded away): the tokens of several clips share
-a row of `packing.row_length` tokens (sora_jax/data/packing.py), attention stays inside each clip,
-and each clip has its own caption, timestep and time shift. Each clip starts at a multiple of
-`packing.block` = 16 tokens, so attention works on 16-query blocks of one clip each, against that
-clip's (at most 224) tokens and its own caption, not the whole row (layers.PackedLayout). Patches
-are 2 x 8 x 8 like configs/shapes.py; an image (a one-frame clip) trains and samples as a still clip
-of 2 identical frames (`dit.repeat_stills`). The first `packing.curriculum_steps` = 1200 steps pack
-8x32x32 clips only, where direction is learned fastest, then every size; 0.6 of the clips are given
-some frames in those steps (frame conditioning speeds up direction), 0.2 after them (given frames show
-the shape and cost shape accuracy). `tiny` is a seconds-long smoke run.
+Every clip keeps its own size (nothing cropped or padded away): the tokens of up to 3 clips share
+a row of `packing.row_length` = 224 tokens, the largest clip's (sora_jax/data/packing.py), attention
+stays inside each clip, and each clip has its own caption, timestep and time shift. Rows as long as
+the largest clip keep attention dense and cheap (one [224, 224] masked attention per row) and still
+pack 0.97-0.98 of their tokens with real ones; 3 caption slots a row keep the text encoder's work
+near a fixed-size batch's. Each clip starts at a multiple of `packing.block` = 16 tokens, so
+cross-attention works on 16-query blocks of one clip against its own caption
+(layers.PackedLayout). Patches are 2 x 8 x 8 like configs/shapes.py; an image (a one-frame clip)
+trains and samples as a still clip of 2 identical frames (`dit.repeat_stills`). The first
+`packing.curriculum_steps` = 1400 steps pack 8x32x32 clips only (27 a step), where direction is
+learned fastest, then every size (~16 clips a step); 0.6 of the clips are given some frames in
+those steps (frame conditioning speeds up direction), 0.2 after them (given frames show the shape
+and cost shape accuracy). `tiny` is a seconds-long smoke run.
 
 For comparison, aspect-ratio/duration buckets instead of packing (each batch one size, about 2048
 tokens per step; sora_jax/data/buckets.py):
@@ -35,15 +38,15 @@ def get_config(arg: str | None = None):
   config.data.sizes = '1x32x32,8x32x32,8x32x56,8x56x32,16x32x32,16x32x56,16x56x32'
   config.data.num_train = 57344  # ~8,200 clips of each size: the curriculum's are not repeated much
   config.model.patch = (2, 8, 8)  # as the fixed-size default; an image trains as a still 2-frame clip
-  config.packing.update(row_length=1024, max_segments=16, loss_weighting='sample', block=16)
-  # A size curriculum: the first 1200 steps pack 8 x 32 x 32 clips only (32 a step), then every size
-  # (~16 clips a step). Short clips teach motion in the fewest tokens: without this stage direction
-  # stays at chance after 1800 steps of the mix. Direction appears around steps 600-1100 of one size
-  # (when, depends on the data) and the mix hardly teaches it after: so a curriculum long enough.
-  # Frame conditioning speeds up learning direction in the curriculum; afterwards it costs shape accuracy
-  # (given frames show the shape), so fewer clips are given frames.
-  config.packing.update(curriculum_steps=1200, curriculum_sizes='8x32x32', curriculum_frame_conditioning=0.6)
-  config.batch_size = 2  # rows: 2048 tokens per step
+  config.packing.update(row_length=224, max_segments=3, loss_weighting='sample', block=16)
+  # A size curriculum: the first 1400 steps pack 8 x 32 x 32 clips only (3 a row, 27 a step), then
+  # every size. Short clips teach motion in the fewest tokens: without this stage direction stays
+  # at chance after 1800 steps of the mix. Direction appears around steps 600-1100 of one size (at 32
+  # clips a step; when, depends on the data) and the mix hardly teaches it after: so a curriculum long
+  # enough. Frame conditioning speeds up learning direction in the curriculum; afterwards it costs
+  # shape accuracy (given frames show the shape), so fewer clips are given frames.
+  config.packing.update(curriculum_steps=1400, curriculum_sizes='8x32x32', curriculum_frame_conditioning=0.6)
+  config.batch_size = 9  # rows: 2016 tokens per step
   # Timestep shift by size (more noise for more tokens, e.g. 64: an 8 x 32 x 32 clip keeps time_shift)
   # measured no gain here and slows direction: off.
   config.objective.shift_base_tokens = 0
@@ -51,7 +54,7 @@ def get_config(arg: str | None = None):
   config.eval.every_steps = 0  # evaluation reads fixed-size clips: not yet for packed runs
   config.sample.max_tokens = 1024
   if arg != 'tiny':
-    config.total_steps = 2300  # 23.1 minutes here, dataset build included (~2.1 steps/s, then ~1.5)
+    config.total_steps = 2500  # 22.9 minutes here with the dataset built (~45 s to build it), ~2 steps/s
   else:
     config.data.update(sizes='1x16x16,2x16x16,2x16x24,2x24x16', frames=2, height=16, width=16, object_size=6,
                        num_train=64)

@@ -2,7 +2,7 @@
 # The GPU figures of the scale issue on one NVIDIA GPU: the ~700M video DiT at 8192 tokens per
 # sample (128 x 256 x 256 clips, 4 x 16 x 16 patches), bfloat16 compute, cuDNN flash attention;
 # then the longest clip whose step fits with full remat (compile-time memory analysis, batch 1),
-# and cuDNN vs XLA attention at the same size.
+# and cuDNN vs XLA attention at the same size; packed rows through cuDNN (stage `packed`, not in the default list).
 #
 #   bash experiments/gpu_benchmark.sh [OUT_DIR]      # one JSON line per measurement in OUT_DIR
 #   STAGES="longest step_8k" SWEEP_FRAMES=4096,8192 bash experiments/gpu_benchmark.sh OUT_DIR  # some stages
@@ -46,6 +46,14 @@ run_stage() {  # the stages, run in the order STAGES names them
       --warmup=1 --steps=3 ;;
     xla_8k) stage xla_8k ${PAIR_S:-200} $BENCH $CLIP_8K --config.batch_size=1 --config.model.remat=full \
       --warmup=1 --steps=3 --config.model.attention_impl=xla ;;
+    # 4. Packed rows (configs/shapes_native.py) through cuDNN: segment-masked attention against XLA's (outputs,
+    # gradients, times), then a short packed training run with cuDNN attention in bfloat16 (loss in metrics.jsonl).
+    packed) stage packed_attention ${PACKED_S:-120} ${PYTHON:-python} experiments/packed_attention_benchmark.py \
+      --implementation=cudnn --dtype=bfloat16
+      stage packed_train ${PACKED_TRAIN_S:-240} ${PYTHON:-python} -m sora_jax.main --config=configs/shapes_native.py \
+      --workdir="$OUT/packed_train" --config.total_steps=100 --config.log_every_steps=20 --config.data.num_train=4096 \
+      --config.packing.curriculum_steps=40 --config.model.attention_impl=cudnn --config.model.dtype=bfloat16
+      cp "$OUT/packed_train/metrics.jsonl" "$OUT/packed_train_metrics.jsonl" 2>/dev/null ;;
     *) echo "unknown stage $1" ;;
   esac
 }

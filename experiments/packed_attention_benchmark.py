@@ -1,14 +1,20 @@
 r"""Self-attention of packed rows against fixed-size clips: one layer, forward and forward + backward.
 
-  python experiments/packed_attention_benchmark.py [--heads=4 --head_dim=64 --reps=10]
+  python experiments/packed_attention_benchmark.py [--heads=6 --head_dim=32 --reps=20]
+  python experiments/packed_attention_benchmark.py --implementation=cudnn --dtype=bfloat16   # on a GPU
 
-Two rows of 1024 tokens packed with clips of the native shapes mix (2 x 8 x 8 patches: 16 to 224
-tokens, each at a multiple of the block), through `layers.windowed_segment_attention` at query
-blocks of 16 and 32 (window 224, the largest clip) and through a dense segment-masked attention
-inside bins of 128-512 tokens (a layout not built: timing only, these rows are not planned into
-bins); against 16 clips of 128 tokens with plain `jax.nn.dot_product_attention`. Prints one JSON
-line per variant (milliseconds). It times attention only: the rest of a packed step costs what a
-fixed-size step costs.
+About 2048 tokens of clips of the native shapes mix (2 x 8 x 8 patches: 16 to 224 tokens), packed
+as training packs them (`packing.plan_rows`, each clip at a multiple of 16 tokens):
+- rows of 224 tokens (as long as the largest clip; `configs/shapes_native.py`): a dense
+  segment-masked attention over each row (`layers.segment_attention`);
+- rows of 1024 tokens: `layers.windowed_segment_attention`, 16 queries against the 224 keys from
+  their clip's first token;
+against 16 clips of 128 tokens (`layers.attend`, as fixed-size training runs it) and, for
+reference, `jax.nn.dot_product_attention`'s own backward pass. Prints one JSON line per variant
+(milliseconds, best of 3 rounds of `reps` calls) and the rows' share of real tokens. With
+--implementation=cudnn the dense rows and the fixed clips go through cuDNN's fused attention, and
+each line also gives the largest difference from the XLA path on the real tokens (output, gradients). It times
+attention only: the rest of a packed step costs what a fixed-size step of as many tokens costs.
 """
 
 import json
@@ -19,66 +25,85 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from sora_jax.data import packing
 from sora_jax.models import layers
 
-flags.DEFINE_integer('heads', 4, 'Attention heads.')
-flags.DEFINE_integer('head_dim', 64, 'Channels per head.')
-flags.DEFINE_integer('reps', 10, 'Timed calls per variant (after one warm-up call).')
+flags.DEFINE_integer('heads', 6, 'Attention heads (configs/shapes.py: 6).')
+flags.DEFINE_integer('head_dim', 32, 'Channels per head (configs/shapes.py: 32).')
+flags.DEFINE_integer('reps', 20, 'Timed calls per round (after one warm-up call).')
+flags.DEFINE_enum('implementation', 'xla', ['xla', 'cudnn'], 'Attention kernel (cudnn: on an NVIDIA GPU).')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'q, k and v dtype (cudnn: bfloat16).')
 FLAGS = flags.FLAGS
-ROWS, LENGTH, WINDOW = 2, 1024, 224
-CLIP_TOKENS = (16, 64, 112, 112, 128, 224, 224)  # 1x32x32 (still) ... 16x56x32 at 2 x 8 x 8
+TOKENS, BLOCK, WINDOW = 2048, 16, 224
+CLIP_TOKENS = (16, 64, 112, 112, 128, 224, 224)  # 1x32x32 (still), 8x32x32, 8x32x56, ..., 16x56x32
 
 
-def packed_segments(rng, align: int) -> np.ndarray:
-  """int32 [ROWS, LENGTH]: clips of random sizes one after another (each at a multiple of `align`)."""
-  out = np.zeros((ROWS, LENGTH), np.int32)
-  for row in out:
-    start, segment = 0, 1
-    while True:
-      n = CLIP_TOKENS[rng.integers(len(CLIP_TOKENS))]
-      if start + n > LENGTH:
-        break
-      row[start:start + n] = segment
-      start, segment = -(-(start + n) // align) * align, segment + 1
+def packed_rows(rng, length: int) -> np.ndarray:
+  """int32 [rows, length] segment ids: the first rows of a first-fit plan over random clips."""
+  counts = np.asarray(CLIP_TOKENS)[rng.integers(len(CLIP_TOKENS), size=4096)]
+  plan = packing.plan_rows(counts, length, max_segments=64, align=BLOCK)[:TOKENS // length]
+  out = np.zeros((len(plan), length), np.int32)
+  for row, clips in zip(out, plan):
+    start = 0
+    for segment, i in enumerate(clips, 1):
+      row[start:start + counts[i]] = segment
+      start = packing.aligned(start + counts[i], BLOCK)
   return out
 
 
 def timed_ms(fn, *args) -> float:
   fn = jax.jit(fn)
   jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(FLAGS.reps):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / FLAGS.reps * 1e3
+  best = float('inf')
+  for _ in range(3):
+    start = time.perf_counter()
+    for _ in range(FLAGS.reps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    best = min(best, (time.perf_counter() - start) / FLAGS.reps * 1e3)
+  return best
 
 
-def report(name: str, attend, *args) -> None:
-  """attend(q, k, v, *rest): the segment ids are an input, as in a train step (not folded constants)."""
-  grad = jax.grad(lambda *a: jnp.sum(attend(*a) ** 2), argnums=(0, 1, 2))
-  print(json.dumps(dict(variant=name, forward_ms=round(timed_ms(attend, *args), 2),
-                        forward_backward_ms=round(timed_ms(grad, *args), 2))), flush=True)
+def report(name: str, attend, q, k, v, *rest, reference=None, **extra) -> None:
+  """attend(q, k, v, *rest): the segment ids are an input, as in a train step (not folded constants).
+  `reference`: the same attention through XLA, to compare outputs and gradients with."""
+  grad = jax.grad(lambda *a: jnp.sum(attend(*a).astype(jnp.float32) ** 2), argnums=(0, 1, 2))
+  if reference is not None:
+    real = (rest[0] > 0)[..., None, None] if rest else True
+    grad_ref = jax.grad(lambda *a: jnp.sum(jnp.where(real, reference(*a), 0).astype(jnp.float32) ** 2), argnums=(0, 1, 2))
+    masked_grad = jax.grad(lambda *a: jnp.sum(jnp.where(real, attend(*a), 0).astype(jnp.float32) ** 2), argnums=(0, 1, 2))
+    diff = lambda a, b: float(jnp.max(jnp.abs(jnp.where(real, a, 0).astype(jnp.float32) -  # noqa: E731
+                                              jnp.where(real, b, 0).astype(jnp.float32))))
+    extra['max_abs_diff_vs_xla'] = round(diff(attend(q, k, v, *rest), reference(q, k, v, *rest)), 5)
+    extra['max_abs_grad_diff_vs_xla'] = round(max(
+        float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+        for a, b in zip(masked_grad(q, k, v, *rest), grad_ref(q, k, v, *rest))), 5)
+  print(json.dumps(dict(variant=name, forward_ms=round(timed_ms(attend, q, k, v, *rest), 2),
+                        forward_backward_ms=round(timed_ms(grad, q, k, v, *rest), 2), **extra)), flush=True)
 
 
 def main(argv):
   del argv
   rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=(ROWS, LENGTH, FLAGS.heads, FLAGS.head_dim)), jnp.float32)
-             for _ in range(3))
-  for block in (16, 32):
-    layout = layers.PackedLayout(block, WINDOW)
-    report(f'windowed block {block}', lambda q, k, v, s, layout=layout: layers.windowed_segment_attention(q, k, v, s, layout),
-           q, k, v, jnp.asarray(packed_segments(rng, block)))
-  segment_bs = jnp.asarray(packed_segments(rng, 16))
-  for bin_ in (128, 256, 512):  # clips must fit a bin: the 224-token ones need 256
-    def in_bins(q, k, v, segment_bs, bin_=bin_):
-      split = lambda x: x.reshape(ROWS * LENGTH // bin_, bin_, *x.shape[2:])  # noqa: E731
-      seg = split(segment_bs)
-      mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
-      return jax.nn.dot_product_attention(split(q), split(k), split(v), mask=mask[:, None]).reshape(q.shape)
-    report(f'dense in bins of {bin_}', in_bins, q, k, v, segment_bs)
-  clips = lambda x: x.reshape(ROWS * LENGTH // 128, 128, *x.shape[2:])  # noqa: E731
-  report('fixed: 16 clips of 128', jax.nn.dot_product_attention, clips(q), clips(k), clips(v))
+  impl, dtype = FLAGS.implementation, jnp.dtype(FLAGS.dtype)
+  qkv = lambda rows, length: [jnp.asarray(rng.normal(size=(rows, length, FLAGS.heads, FLAGS.head_dim)), dtype)
+                              for _ in range(3)]  # noqa: E731
+  for length in (WINDOW, 1024):
+    segment_bs = packed_rows(rng, length)
+    layout = layers.PackedLayout(BLOCK, WINDOW)
+    attend = lambda q, k, v, s, layout=layout, impl=impl: layers.self_attention(  # noqa: E731
+        q, k, v, segment_bs=s, layout=layout, implementation=impl)
+    dense = length <= 2 * WINDOW
+    reference = None
+    if impl != 'xla' and dense:  # the windowed path is XLA's whatever the implementation
+      reference = lambda q, k, v, s, layout=layout: layers.self_attention(q, k, v, segment_bs=s, layout=layout)  # noqa: E731
+    report(f'packed: {len(segment_bs)} rows of {length} ({"dense" if dense else f"windowed, block {BLOCK}"}, '
+           f'{impl if dense else "xla"})', attend, *qkv(*segment_bs.shape), jnp.asarray(segment_bs),
+           reference=reference, real_tokens=int((segment_bs > 0).sum()), efficiency=round(packing.efficiency(segment_bs), 3))
+  clips = qkv(TOKENS // 128, 128)
+  report(f'fixed: 16 clips of 128 (layers.attend, {impl})', lambda q, k, v: layers.attend(q, k, v, implementation=impl),
+         *clips, reference=layers.attend if impl != 'xla' else None, real_tokens=TOKENS)
+  report('fixed: 16 clips of 128 (jax.nn.dot_product_attention, xla)', jax.nn.dot_product_attention, *clips)
 
 
 if __name__ == '__main__':

@@ -101,6 +101,36 @@ def test_cudnn_attention_is_refused_before_compiling_where_it_cannot_run():
     train.validate_config(config, 1)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_xla_attention_and_its_backward_pass_equal_jax_nn_attention(dtype):
+  rng = np.random.default_rng(4)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 12, 3, 8)), dtype) for _ in range(3))
+  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  mask = jnp.asarray(rng.random((2, 1, 12, 12)) > 0.4).at[0, 0, 3].set(False)  # query 3 of row 0 sees nothing
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  for m in (None, mask):
+    ours = lambda q, k, v, m=m: layers.xla_attention(q, k, v, m)  # noqa: E731
+    ref = lambda q, k, v, m=m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation='xla')  # noqa: E731
+    assert ours(q, k, v).dtype == dtype and np.isfinite(np.asarray(ours(q, k, v), np.float32)).all()
+    np.testing.assert_allclose(np.asarray(ours(q, k, v), np.float32), np.asarray(ref(q, k, v), np.float32), atol=tol)
+    loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w)  # noqa: E731
+    for g, g_ref in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+      assert g.dtype == dtype
+      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), atol=tol * 4)
+
+
+def test_rows_at_most_twice_the_window_attend_densely_rows_longer_through_windows():
+  rng = np.random.default_rng(5)
+  layout = layers.PackedLayout(block=4, window=8)
+  for length, dense in ((16, True), (24, False)):
+    segments = jnp.asarray(np.repeat(np.arange(length // 4) // 2 + 1, 4)[None].repeat(2, 0))  # 8 tokens each
+    q, k, v = (jnp.asarray(rng.normal(size=(2, length, 2, 8)), jnp.float32) for _ in range(3))
+    attend = lambda q, k, v: layers.self_attention(q, k, v, segment_bs=segments, layout=layout)  # noqa: E731
+    np.testing.assert_allclose(attend(q, k, v), layers.segment_attention(q, k, v, segments, segments), atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(attend)(q, k, v))
+    assert (f'f32[2,2,{length},{length}]' in jaxpr) == dense  # whole-row scores only when dense
+
+
 @pytest.mark.parametrize('block', [512, 4])  # one block; then a scan over 3 blocks of queries (last padded)
 def test_packed_segments_attend_only_to_themselves_exactly_as_each_alone(block):
   rng = np.random.default_rng(1)
@@ -163,8 +193,9 @@ def test_sequence_parallel_segment_attention_equals_unsharded(sequence_parallel)
   rules = sharding.rules_tuple(SHARDING_RULES)
   mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1, sequence=4))
   rng = np.random.default_rng(2)
-  q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32) for _ in range(3))
-  segments = jnp.array([[1] * 6 + [2] * 7 + [0] * 3, [1] * 3 + [0] + [2] * 2 + [3] * 10])  # crossing shard edges
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 24, 4, 8)), jnp.float32) for _ in range(3))
+  # Crossing shard edges; rows longer than twice the window (10), so windowed where a device holds whole rows.
+  segments = jnp.array([[1] * 6 + [2] * 7 + [0] * 11, [1] * 3 + [0] + [2] * 2 + [3] * 10 + [0] * 8])
   plain = lambda q, k, v: layers.segment_attention(q, k, v, segments, segments)
   # Block-aligned rows (samples start at multiples of 2 tokens, at most 10): the windowed path where
   # a device holds whole rows (all-to-all), the masked one where it holds a share of the queries.

@@ -209,6 +209,17 @@ def test_the_row_plan_places_every_sample_once_within_limits_and_wastes_under_5_
     packing.plan_rows([10, 600], length=512, max_segments=4)
 
 
+def test_rows_as_long_as_the_largest_clip_with_3_slots_waste_under_5_percent_from_a_wide_window():
+  # configs/shapes_native.py: 16 to 224 tokens a clip (2 x 8 x 8 patches), at multiples of 16, in rows of 224.
+  counts = np.asarray([16, 64, 112, 112, 128, 224, 224])[np.random.default_rng(0).integers(7, size=4000)]
+  efficiency = lambda rows: counts.sum() / (224 * len(rows))  # noqa: E731
+  wide = packing.plan_rows(counts, length=224, max_segments=3, open_rows=64, align=16)
+  assert sorted(i for row in wide for i in row) == list(range(4000))
+  assert all(len(row) <= 3 and sum(packing.aligned(counts[i], 16) for i in row) <= 224 for row in wide)
+  assert efficiency(wide) >= 0.95, efficiency(wide)  # 0.97 here
+  assert efficiency(packing.plan_rows(counts, length=224, max_segments=3, open_rows=16, align=16)) < efficiency(wide)
+
+
 def test_packed_rows_stream_every_example_once_per_epoch_deterministically(tmp_path):
   from sora_jax.data import pipeline, shapes
   builder = shapes.build(str(tmp_path), sizes='2x8x8,4x8x16,2x16x8', num_train=40, num_validation=4, object_size=6)

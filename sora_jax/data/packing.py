@@ -157,9 +157,10 @@ class PackedRows:
   """
 
   def __init__(self, source, token_counts, *, patch, length: int, max_segments: int, seed: int, align: int = 1,
-               examples=None):
+               examples=None, open_rows: int = 64):
     self.source, self.patch, self.length, self.max_segments, self.seed = source, tuple(patch), length, max_segments, seed
     self.align = align  # each sample starts at a multiple of align tokens (see `pack`)
+    self.open_rows = open_rows  # `plan_rows`' window: rows of few slots fill better from a wider one
     self.counts = np.asarray(token_counts)
     # The example indices an epoch visits (e.g. the clips of some sizes only); None: all.
     self.examples = np.arange(len(self.counts)) if examples is None else np.asarray(examples, np.int64)
@@ -177,7 +178,7 @@ class PackedRows:
 
   def _plan(self, e: int) -> list:
     order = self.examples[np.random.default_rng([self.seed, e]).permutation(len(self.examples))]
-    rows = plan_rows(self.counts[order], self.length, self.max_segments, align=self.align)
+    rows = plan_rows(self.counts[order], self.length, self.max_segments, self.open_rows, self.align)
     return [[int(order[i]) for i in row] for row in rows]
 
   def epoch(self, e: int) -> list:
