@@ -70,8 +70,8 @@ def report(name: str, attend, q, k, v, *rest, reference=None, **extra) -> None:
   grad = jax.grad(lambda *a: jnp.sum(attend(*a).astype(jnp.float32) ** 2), argnums=(0, 1, 2))
   if reference is not None:
     real = (rest[0] > 0)[..., None, None] if rest else True
-    grad_ref = jax.grad(lambda *a: jnp.sum(jnp.where(real, reference(*a), 0).astype(jnp.float32) ** 2), argnums=(0, 1, 2))
-    masked_grad = jax.grad(lambda *a: jnp.sum(jnp.where(real, attend(*a), 0).astype(jnp.float32) ** 2), argnums=(0, 1, 2))
+    real_loss = lambda f: lambda *a: jnp.sum(jnp.where(real, f(*a), 0).astype(jnp.float32) ** 2)  # noqa: E731
+    grad_ref, masked_grad = (jax.grad(real_loss(f), argnums=(0, 1, 2)) for f in (reference, attend))
     diff = lambda a, b: float(jnp.max(jnp.abs(jnp.where(real, a, 0).astype(jnp.float32) -  # noqa: E731
                                               jnp.where(real, b, 0).astype(jnp.float32))))
     extra['max_abs_diff_vs_xla'] = round(diff(attend(q, k, v, *rest), reference(q, k, v, *rest)), 5)
@@ -99,7 +99,8 @@ def main(argv):
       reference = lambda q, k, v, s, layout=layout: layers.self_attention(q, k, v, segment_bs=s, layout=layout)  # noqa: E731
     report(f'packed: {len(segment_bs)} rows of {length} ({"dense" if dense else f"windowed, block {BLOCK}"}, '
            f'{impl if dense else "xla"})', attend, *qkv(*segment_bs.shape), jnp.asarray(segment_bs),
-           reference=reference, real_tokens=int((segment_bs > 0).sum()), efficiency=round(packing.efficiency(segment_bs), 3))
+           reference=reference, real_tokens=int((segment_bs > 0).sum()),
+           efficiency=round(packing.efficiency(segment_bs), 3))
   clips = qkv(TOKENS // 128, 128)
   report(f'fixed: 16 clips of 128 (layers.attend, {impl})', lambda q, k, v: layers.attend(q, k, v, implementation=impl),
          *clips, reference=layers.attend if impl != 'xla' else None, real_tokens=TOKENS)
