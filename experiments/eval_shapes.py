@@ -37,8 +37,9 @@ flags.DEFINE_float('time_shift', None, 'Sampling time shift; < 1 spends more ste
                    '(default: config).')
 flags.DEFINE_string('out_dir', None, 'If set, also write every sample here as a GIF.')
 flags.DEFINE_bool('ground_truth', False, 'Score validation clips instead of samples.')
-flags.DEFINE_string('size', None, 'Sample at FRAMESxHEIGHTxWIDTH, e.g. 16x32x56 (native-size models): analytic '
-                    'adherence only; one frame (an image): image captions, color and shape.')
+flags.DEFINE_string('size', None, 'Sample at FRAMESxHEIGHTxWIDTH, e.g. 16x32x56 (native-size models): adherence, '
+                    'analytic and by a classifier trained for that size (no FVD); one frame (an image): image '
+                    'captions, color and shape.')
 flags.DEFINE_string('i3d_path', None, 'Also FVD through this I3D checkpoint (piergiaj .pt or converted .npz).')
 FLAGS = flags.FLAGS
 
@@ -48,6 +49,17 @@ def all_captions(images: bool = False) -> list[str]:
     return [shapes.caption(c, s, None) for c, s in itertools.product(shapes.COLORS, shapes.SHAPES)]
   return [shapes.caption(c, s, d) for c, s, d in
           itertools.product(shapes.COLORS, shapes.SHAPES, shapes.DIRECTIONS)]
+
+
+def judge_on_truth(clf, size, object_size: int, n: int = 252) -> dict:
+  """The classifier's accuracy on `n` freshly rendered clips of `size` (a seed of its own): how far
+  its `learned_*` scores can be trusted."""
+  import numpy as np
+  rng = np.random.default_rng(4321)
+  clips = [shapes.random_clip(rng, frames=size[0], height=size[1], width=size[2], object_size=object_size,
+                              image_captions=True) for _ in range(n)]
+  scores = clf.adherence([c['video'] for c in clips], [c['caption'] for c in clips])
+  return {k: round(v, 3) for k, v in scores.items()}
 
 
 def main(argv):
@@ -83,7 +95,11 @@ def main(argv):
       for i, (p, v) in enumerate(zip(prompts, videos)):
         video.write(os.path.join(FLAGS.out_dir, f'{i:04d}_{p.replace(" ", "_")}.gif'), v)
     result = adherence.score(videos, prompts)
-    if size is not None:  # the classifier and the validation clips have the config's size
+    if size is not None:  # the validation clips have the config's size: no FVD
+      # A second judge: the shapes classifier trained for this size, and its accuracy on fresh clips.
+      clf = classifier.load_or_train(*size, object_size=model.config.data.object_size)
+      result.update({f'learned_{k}': v for k, v in clf.adherence(videos, prompts).items()})
+      result['learned_judge_on_truth'] = judge_on_truth(clf, size, model.config.data.object_size)
       result.update(size=list(size), workdir=FLAGS.workdir, step=model.step, seconds=round(time.time() - start, 1),
                     exact_size=all(v.shape == (*size, 3) for v in videos))
       print(json.dumps(result))

@@ -128,7 +128,8 @@ class DiTBlock(nnx.Module):
     """Packed rows (see `DiT.forward_packed`): c [b, n, d] per segment, segment_bs [b, s] (1..n, 0
     padding), text_segment_bl [b, l] the segment of each text token (0 padding), `layout` how the
     rows are laid out (`layers.PackedLayout`) or None."""
-    mod = per_token(self.modulation(jax.nn.silu(c_bd)), segment_bs)  # [b, 6d] or [b, s, 6d]
+    block = 1 if layout is None else layout.block
+    mod = per_token(self.modulation(jax.nn.silu(c_bd)), segment_bs, block)  # [b, 6d] or [b, s, 6d]
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, -1)
     gate1, gate2 = (g[:, None] if g.ndim == 2 else g for g in (gate1, gate2))
     h = self.self_attn(layers.modulate(layers.layer_norm(x_bsd), shift1, scale1),
@@ -142,13 +143,20 @@ class DiTBlock(nnx.Module):
     return constrain(x_bsd, ('act_batch', 'act_seq', 'act_embed'))
 
 
-def per_token(values_bnx, segment_bs):
+def per_token(values_bnx, segment_bs, block: int = 1):
   """Per-segment values [b, n, x] -> each token's [b, s, x] (segment ids 1..n; padding takes segment
-  1's, unused). Without segments (segment_bs None), values [b, x] are one per sample: unchanged."""
+  1's, unused). Without segments (segment_bs None), values [b, x] are one per sample: unchanged.
+  `block` > 1: every `block` tokens from the row's start are one segment's (`layers.PackedLayout`),
+  so the values are gathered per block and broadcast over its tokens, a broadcast XLA fuses into
+  its use: no [b, s, x] gather (on the native config's step, 4% of its time here)."""
   if segment_bs is None:
     return values_bnx
-  index = jnp.maximum(segment_bs - 1, 0)[..., None]
-  return jnp.take_along_axis(values_bnx, index, axis=1, mode='clip')  # a bad id never gives NaN
+  b, s = segment_bs.shape
+  index = jnp.maximum(segment_bs[:, ::block] - 1, 0)[..., None]  # [b, s / block, 1]
+  values = jnp.take_along_axis(values_bnx, index, axis=1, mode='clip')  # a bad id never gives NaN
+  if block == 1:
+    return values
+  return jnp.broadcast_to(values[:, :, None], (b, s // block, block, values.shape[-1])).reshape(b, s, -1)
 
 
 class FinalLayer(nnx.Module):
@@ -156,8 +164,8 @@ class FinalLayer(nnx.Module):
     self.modulation = layers.Dense(dim, 2 * dim, ('embed', 'mlp'), rngs=rngs, zero=True, dtype=dtype)
     self.proj = layers.Dense(dim, patch_values, ('embed', 'patch'), rngs=rngs, zero=True, dtype=dtype)
 
-  def __call__(self, x_bsd, c_bd, segment_bs=None):
-    shift, scale = jnp.split(per_token(self.modulation(jax.nn.silu(c_bd)), segment_bs), 2, -1)
+  def __call__(self, x_bsd, c_bd, segment_bs=None, block: int = 1):
+    shift, scale = jnp.split(per_token(self.modulation(jax.nn.silu(c_bd)), segment_bs, block), 2, -1)
     return self.proj(layers.modulate(layers.layer_norm(x_bsd), shift, scale))
 
 
@@ -361,7 +369,7 @@ class DiT(nnx.Module):
       apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
     for block in self.blocks:
       x_bsd = apply(block, x_bsd, c_bnd, pos_bs3, text_bld, None, segment_bs, text_segment_bl)
-    out_bsp = self.final(x_bsd, c_bnd, segment_bs)
+    out_bsp = self.final(x_bsd, c_bnd, segment_bs, 1 if layout is None else layout.block)
     if self.learn_sigma:
       out_bsp = out_bsp.reshape(b, s, -1, 2 * self.channels)[..., :self.channels].reshape(b, s, -1)
     return out_bsp.astype(jnp.float32)
