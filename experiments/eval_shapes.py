@@ -11,6 +11,11 @@ features (`sora_jax.eval.classifier`, trained and cached on first use); `--i3d_p
 runs at the same --seeds. Seeds start at 1000, away from the seed of the training-time samples
 (`--first_seed`). `--ground_truth` scores validation clips instead, which checks the judge itself
 (it should print 1.0 everywhere).
+
+`--size=FxHxW` (native-size models) samples at that size and judges analytically and by a
+classifier trained for that size (`learned_*`; `learned_judge_on_truth`: its accuracy on 252 clips
+rendered at that size), without FVD. The two judges disagree on ragged squares: the analytic one
+needs a fill ratio of 0.89, which a square with blunted corners misses.
 """
 
 import itertools

@@ -47,6 +47,17 @@ def test_pack_and_unpack_round_trip_and_mark_segments_and_positions():
                                              row['pos_s3'][None])
 
 
+def test_per_block_conditioning_equals_per_token_on_block_aligned_rows():
+  values_bnx = jax.random.normal(jax.random.key(0), (2, 3, 5))
+  segment_bs = jnp.array([[1] * 8 + [2] * 5 + [0] * 3 + [3] * 4 + [0] * 4,  # samples start at multiples of 4
+                          [2] * 4 + [1] * 12 + [0] * 8])
+  per_block = dit.per_token(values_bnx, segment_bs, 4)
+  expected = jnp.take_along_axis(values_bnx, jnp.maximum(segment_bs - 1, 0)[..., None], axis=1)
+  real = (segment_bs > 0)[..., None]  # padding tokens' values are unused
+  np.testing.assert_array_equal(jnp.where(real, per_block, 0), jnp.where(real, expected, 0))
+  np.testing.assert_array_equal(dit.per_token(values_bnx, segment_bs), expected)
+
+
 def test_a_packed_row_gives_each_sample_the_output_and_gradients_it_gets_alone():
   layout = (4, 12)  # blocks of 4 queries, windows of 12 (and below: whole rows, masked, give the same)
   graphdef, params = random_dit()
@@ -337,6 +348,8 @@ def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tm
   assert result.returncode == 0, result.stderr[-2000:]
   line = json.loads(result.stdout.splitlines()[-1])  # images: 21 captions, color and shape only
   assert line['n'] == 21 and line['exact_size'] and 'direction' not in line and 0 <= line['color'] <= 1
+  # The second judge, a classifier trained for this size, reads rendered clips of it right.
+  assert 0 <= line['learned_shape'] <= 1 and line['learned_judge_on_truth']['color'] >= 0.9
   config.frame_conditioning.noise_max = 0.1
   with pytest.raises(UsageError, match='packed training does not support config.frame_conditioning.noise_max'):
     train.validate_config(config, 1)
