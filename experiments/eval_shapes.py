@@ -24,6 +24,7 @@ import os
 import sys
 import time
 
+import numpy as np
 from absl import app, flags
 
 from sora_jax import UsageError, video
@@ -59,7 +60,6 @@ def all_captions(images: bool = False) -> list[str]:
 def judge_on_truth(clf, size, object_size: int, n: int = 252) -> dict:
   """The classifier's accuracy on `n` freshly rendered clips of `size` (a seed of its own): how far
   its `learned_*` scores can be trusted."""
-  import numpy as np
   rng = np.random.default_rng(4321)
   clips = [shapes.random_clip(rng, frames=size[0], height=size[1], width=size[2], object_size=object_size,
                               image_captions=True) for _ in range(n)]
