@@ -38,7 +38,8 @@ def vae_config(config) -> vae.VAEConfig:
   return vae.VAEConfig(base_dim=m.base_dim, z_dim=m.z_dim, dim_mult=tuple(m.dim_mult),
                        num_res_blocks=m.num_res_blocks, temporal_downsample=tuple(m.temporal_downsample),
                        spatial_downsample=None if spatial is None else tuple(spatial),
-                       patch_size=m.get('patch_size', 1))
+                       patch_size=m.get('patch_size', 1), shortcuts=m.get('shortcuts', False),
+                       decoder_base_dim=m.get('decoder_base_dim'))
 
 
 def validate_config(config, num_devices: int) -> None:

@@ -61,10 +61,11 @@ def test_an_image_is_a_one_frame_video(wan_vae_dir):
   assert model.decode(image_latent).shape == (1, 1, 16, 16, 3)
 
 
-def test_a_patched_vae_with_a_stage_that_keeps_its_size_is_still_causal_and_chunks_exactly():
+@pytest.mark.parametrize('shortcuts', [False, True])
+def test_a_patched_vae_with_a_stage_that_keeps_its_size_is_still_causal_and_chunks_exactly(shortcuts):
   # configs/vae_shapes.py's layout: 2 x 2 pixels to channels, then x2 in space once, x4 in time.
   cfg = vae.VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, patch_size=2,
-                      spatial_downsample=(True, False), temporal_downsample=(True, True))
+                      spatial_downsample=(True, False), temporal_downsample=(True, True), shortcuts=shortcuts)
   assert cfg.spatial_factor == 4 and cfg.latent_shape(9, 16, 24) == (3, 4, 6)
   x = np.random.default_rng(4).uniform(-1, 1, (1, 9, 16, 24, 3)).astype(np.float32)
   np.testing.assert_array_equal(vae.unpatchify(vae.patchify(x, 2), 2), x)
@@ -80,6 +81,21 @@ def test_a_patched_vae_with_a_stage_that_keeps_its_size_is_still_causal_and_chun
   np.testing.assert_allclose(vae.decode_chunked(model, mean, chunk_latents=1), model.decode(mean), atol=1e-5)
   with pytest.raises(ValueError, match='spatial_downsample has 1 entries, expected one per downsampling stage \\(2\\)'):
     vae.VAEConfig(dim_mult=(1, 2, 2), temporal_downsample=(True, True), spatial_downsample=(True,))
+
+
+def test_the_shortcuts_are_causal_average_pooling_down_and_nearest_upsampling_up():
+  x = np.random.default_rng(5).uniform(-1, 1, (1, 9, 8, 8, 2)).astype(np.float32)
+  down = np.asarray(vae.fold_shortcut(x, 2, 2, 2))  # frames (zeros, 0), (1, 2), ..., (7, 8); 2 x 2 blocks
+  assert down.shape == (1, 5, 4, 4, 2)
+  pool = lambda frames: frames.reshape(-1, 4, 2, 4, 2, 2).mean((0, 2, 4))  # noqa: E731
+  np.testing.assert_allclose(down[0, 0], pool(np.concatenate([np.zeros_like(x[0, :1]), x[0, :1]])), atol=1e-6)
+  np.testing.assert_allclose(down[0, 3], pool(x[0, 5:7]), atol=1e-6)
+  np.testing.assert_allclose(vae.fold_shortcut(x, 1, 1, 1)[..., 0], x.mean(-1), atol=1e-6)  # channel means
+  up = np.asarray(vae.unfold_shortcut(down, 2, 2, 2))  # latent frame 0 -> frame 0, then 2 frames each
+  assert up.shape == x.shape
+  t, h, w = np.meshgrid(np.arange(9), np.arange(8), np.arange(8), indexing='ij')
+  np.testing.assert_array_equal(up[0], down[0, (t + 1) // 2, h // 2, w // 2])
+  assert vae.match_channels(np.arange(3.0), 7).tolist() == [0, 0, 0, 1, 1, 1, 2]
 
 
 def test_clip_sizes_the_vae_cannot_take_are_refused_by_name():

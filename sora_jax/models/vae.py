@@ -7,7 +7,12 @@ never depends on later frames. Each temporal downsampling keeps the first frame 
 strides 2 over the rest, so T = 1 + 4n frames become 1 + n latent frames (x4 with two temporal
 stages) and an image is simply a one-frame video. Space is compressed x2 per stage (x8 by default),
 after an optional p x p patchify (`patch_size`, as in Wan 2.2's VAE); a stage may compress time only
-(`spatial_downsample`).
+(`spatial_downsample`). With `shortcuts` (for VAEs trained here), parameter-free paths run beside the
+learned ones, as in Wan 2.2's VAE and DC-AE: each resampling stage adds its input folded
+(space and time into channels, averaged: causal average pooling) on the way down, or unfolded
+(channels repeated into space and time: nearest upsampling) on the way up, and channel means or
+repeats carry the pixels into the first convolution, the stream into the latent mean and back
+out, so an untrained VAE already passes a pooled clip through and training starts from there.
 
 This is the computation of diffusers' `AutoencoderKLWan` (which runs the same network chunk by
 chunk with feature caches), on the whole clip at once: convolutions over a zero-padded past equal
@@ -44,6 +49,9 @@ class VAEConfig:
   spatial_downsample: tuple[bool, ...] | None = None  # per stage; x2 in space where True (None: every stage)
   patch_size: int = 1  # p x p pixels -> channels before the encoder (and back after the decoder)
   decoder_base_dim: int | None = None
+  # Parameter-free shortcuts beside the learned layers (see the module docstring; Wan 2.2, DC-AE):
+  # untrained, the VAE is causal average pooling down and nearest upsampling up. Not in Wan 2.1.
+  shortcuts: bool = False
   in_channels: int = 3
   latents_mean: tuple[float, ...] | None = None  # per channel: the DiT sees (z - mean) / std
   latents_std: tuple[float, ...] | None = None
@@ -264,6 +272,37 @@ class Resample(nnx.Module):
     return x_bthwc
 
 
+def fold_shortcut(x_bthwc, ft: int, fs: int, c_out: int, first_chunk: bool = True):
+  """[b, T, H, W, c] -> [b, T/ft, H/fs, W/fs, c_out] without parameters: each ft x fs x fs block
+  becomes channels (c, then its offsets), averaged over consecutive groups (or repeated) to `c_out`.
+  The first chunk's past is zero-padded to a multiple of ft, so frame 0 stays alone, as in the causal
+  downsampler."""
+  if first_chunk and x_bthwc.shape[1] % ft:
+    x_bthwc = jnp.pad(x_bthwc, ((0, 0), (ft - x_bthwc.shape[1] % ft, 0), (0, 0), (0, 0), (0, 0)))
+  b, t, h, w, c = x_bthwc.shape
+  x = x_bthwc.reshape(b, t // ft, ft, h // fs, fs, w // fs, fs, c).transpose(0, 1, 3, 5, 7, 2, 4, 6)
+  return match_channels(x.reshape(b, t // ft, h // fs, w // fs, c * ft * fs * fs), c_out)
+
+
+def unfold_shortcut(x_bthwc, ft: int, fs: int, c_out: int, first_chunk: bool = True):
+  """The inverse layout of `fold_shortcut`: [b, T, H, W, c] -> [b, T*ft (- (ft - 1) for the first
+  chunk), H*fs, W*fs, c_out], channels repeated (or averaged) to c_out * ft * fs * fs first."""
+  b, t, h, w, _ = x_bthwc.shape
+  x = match_channels(x_bthwc, c_out * ft * fs * fs).reshape(b, t, h, w, c_out, ft, fs, fs)
+  x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, t * ft, h * fs, w * fs, c_out)
+  return x[:, ft - 1:] if first_chunk else x
+
+
+def match_channels(x, c_out: int):
+  """[..., c] -> [..., c_out] without parameters: the mean of each run of c // c_out consecutive
+  channels (a remainder dropped), or each channel repeated ceil(c_out / c) times (the excess dropped)."""
+  c = x.shape[-1]
+  if c >= c_out:
+    group = c // c_out
+    return x[..., :group * c_out].reshape(*x.shape[:-1], c_out, group).mean(-1)
+  return jnp.repeat(x, -(-c_out // c), axis=-1)[..., :c_out]
+
+
 class MidBlock(nnx.Module):
   def __init__(self, c: int, *, rngs: nnx.Rngs):
     self.resnets = nnx.List([ResidualBlock(c, c, rngs=rngs), ResidualBlock(c, c, rngs=rngs)])
@@ -300,39 +339,59 @@ class Encoder(nnx.Module):
     dims = [cfg.base_dim * m for m in (1,) + tuple(cfg.dim_mult)]
     self.patch_size = cfg.patch_size
     self.conv_in = CausalConv3d(cfg.in_channels * cfg.patch_size**2, dims[0], rngs=rngs)
-    blocks = []
+    blocks, shortcuts = [], []  # shortcuts: (first block, last block, ft, fs, c_out) per resampling stage
     for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+      first = len(blocks)
       for _ in range(cfg.num_res_blocks):
         blocks.append(ResidualBlock(c_in, c_out, rngs=rngs))
         c_in = c_out
       if i != len(cfg.dim_mult) - 1:
         blocks.append(Resample(c_out, 'downsample3d' if cfg.temporal_downsample[i] else 'downsample2d', rngs=rngs,
                                spatial=cfg.spatial_stages[i]))
+        if cfg.shortcuts:
+          shortcuts.append((first, len(blocks) - 1, 1 + cfg.temporal_downsample[i], 1 + cfg.spatial_stages[i], c_out))
     self.down_blocks = nnx.List(blocks)
+    self.shortcuts = cfg.shortcuts
+    self.stage_shortcuts = tuple(shortcuts)
     self.mid_block = MidBlock(dims[-1], rngs=rngs)
     self.norm_out = ChannelRMSNorm(dims[-1], rngs=rngs)
     self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, rngs=rngs)
 
   def __call__(self, x, stream=None):
-    x = self.conv_in(patchify(x, self.patch_size), stream)
-    for block in self.down_blocks:
+    x = patchify(x, self.patch_size)
+    x = self.conv_in(x, stream) + (match_channels(x, self.conv_in.kernel.shape[-1]) if self.shortcuts else 0)
+    stage_inputs = {}
+    for i, block in enumerate(self.down_blocks):
+      stage_inputs[i] = x
       x = block(x, stream)
+      for first, last, ft, fs, c_out in self.stage_shortcuts:
+        if i == last:
+          x = x + fold_shortcut(stage_inputs[first], ft, fs, c_out, stream is None or stream.first)
     x = self.mid_block(x, stream)
-    return self.conv_out(jax.nn.silu(self.norm_out(x)), stream)
+    out = self.conv_out(jax.nn.silu(self.norm_out(x)), stream)  # [b, T', H', W', 2 z_dim]: mean, log-variance
+    if self.shortcuts:  # into the mean only
+      z_dim = out.shape[-1] // 2
+      out = out + jnp.concatenate([match_channels(x, z_dim), jnp.zeros_like(out[..., z_dim:])], axis=-1)
+    return out
 
 
 class UpBlock(nnx.Module):
   def __init__(self, c_in: int, c_out: int, num_res_blocks: int, mode: str | None, *, rngs: nnx.Rngs,
-               spatial: bool = True):
+               spatial: bool = True, shortcut: bool = False):
     self.resnets = nnx.List([ResidualBlock(c_in if i == 0 else c_out, c_out, rngs=rngs)
                              for i in range(num_res_blocks + 1)])
     self.upsamplers = nnx.List([Resample(c_out, mode, rngs=rngs, spatial=spatial)] if mode else [])
+    # (ft, fs, channels out) of the parameter-free shortcut, or None
+    self.shortcut = (1 + (mode == 'upsample3d'), 1 + spatial, c_out // 2) if shortcut and mode else None
 
   def __call__(self, x, stream=None):
+    x_in = x
     for resnet in self.resnets:
       x = resnet(x, stream)
     for up in self.upsamplers:
       x = up(x, stream)
+    if self.shortcut is not None:
+      x = x + unfold_shortcut(x_in, *self.shortcut, stream is None or stream.first)
     return x
 
 
@@ -353,17 +412,23 @@ class Decoder(nnx.Module):
       if i != len(mults) - 1:
         mode = 'upsample3d' if temporal_upsample[i] else 'upsample2d'
         spatial = spatial_upsample[i]
-      blocks.append(UpBlock(c_in, c_out, cfg.num_res_blocks, mode, rngs=rngs, spatial=spatial))
+      blocks.append(UpBlock(c_in, c_out, cfg.num_res_blocks, mode, rngs=rngs, spatial=spatial,
+                            shortcut=cfg.shortcuts))
     self.up_blocks = nnx.List(blocks)
     self.norm_out = ChannelRMSNorm(dims[-1], rngs=rngs)
     self.patch_size = cfg.patch_size
     self.conv_out = CausalConv3d(dims[-1], cfg.in_channels * cfg.patch_size**2, rngs=rngs)
+    self.shortcuts = cfg.shortcuts
 
   def __call__(self, z, stream=None):
-    x = self.mid_block(self.conv_in(z, stream), stream)
+    x = self.conv_in(z, stream) + (match_channels(z, self.conv_in.kernel.shape[-1]) if self.shortcuts else 0)
+    x = self.mid_block(x, stream)
     for block in self.up_blocks:
       x = block(x, stream)
-    return unpatchify(self.conv_out(jax.nn.silu(self.norm_out(x)), stream), self.patch_size)
+    out = self.conv_out(jax.nn.silu(self.norm_out(x)), stream)
+    if self.shortcuts:
+      out = out + match_channels(x, out.shape[-1])
+    return unpatchify(out, self.patch_size)
 
 
 class VideoVAE(nnx.Module):
