@@ -1,0 +1,116 @@
+r"""Packed against fixed-size training throughput: the real train steps, timed alternately in one process.
+
+  python experiments/packed_throughput.py [--steps=40]
+
+Builds the train step of `configs/shapes_native.py` (packed rows of 224 tokens, 9 a step, every size;
+no frame conditioning, no curriculum) and of `configs/shapes.py` at the same tokens per step (16 clips
+of 16 x 32 x 32, 128 tokens each: 2048), with the same model, feeds each the batches its own pipeline
+makes, and times the two steps in turn (each timing one step, blocked until done) so that the machine's
+drift falls on both alike. Prints one JSON line: median and fastest seconds per step, real
+(non-padding) patch tokens per step and per second of each, and packed / fixed by either. Step times on
+a shared 2-core VM wander by ~10% from run to run: compare ratios, and several runs.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import linen as nn
+
+from sora_jax import optim, sharding, text as text_lib, train
+from sora_jax.data import pipeline
+from sora_jax.models import autoencoder as autoencoder_lib
+
+flags.DEFINE_integer('steps', 40, 'Timed steps of each mode (after 3 warm-up steps each).')
+FLAGS = flags.FLAGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(None)
+
+
+def configs():
+  packed = load_config('shapes_native')
+  packed.frame_conditioning.probability = 0.0
+  packed.packing.curriculum_steps = 0
+  fixed = load_config('shapes')
+  fixed.data.frames, fixed.batch_size, fixed.frame_conditioning.probability = 16, 16, 0.0
+  fixed.eval.every_steps = 0
+  return {'packed': packed, 'fixed': fixed}
+
+
+def build(config):
+  """(step_fn, state, frozen, batches: an endless iterator of (batch, real tokens of a step), mesh, rules)."""
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_tuple(config.sharding_rules)
+  source = pipeline.SkipBadRecords(pipeline.data_source(config.data, 'train'), config.data.max_text_len,
+                                   name='train', tokenize=text_lib.tokenizer_from_config(config))
+  stream = train.packed_stream(config, source) if train.packing_on(config) else source
+  data = pipeline.make_iterator(stream, global_batch_size=config.batch_size, seed=config.data.seed,
+                                max_text_len=config.data.max_text_len, shuffle=not train.packing_on(config))
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  graphdef, _, shardings = train.state_shardings(config, mesh, tx)
+  autoencoder = autoencoder_lib.make(config.autoencoder)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = train.create_state(config, autoencoder.channels, tx, shardings)
+    frozen = train.frozen_params(config, autoencoder, None)
+    frozen = {k: jax.device_put(v, sharding.replicated(mesh)) for k, v in frozen.items()}
+    batch_shardings = {k: sharding.batch_sharding(mesh, nd, rules) for k, nd in train.batch_ndims(config).items()}
+    step_fn = train.jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings, None, frozen)
+
+  # Real tokens a step: a fixed batch's are all real; packed rows' are the epoch's share of real tokens
+  # (the first rows of an epoch are fuller than its last: a few steps would overstate it).
+  if train.packing_on(config):
+    tokens = stream.epoch_efficiency(0) * config.batch_size * config.packing.row_length
+  else:
+    tokens = float(config.batch_size * math.prod(n // p for n, p in zip(
+        (config.data.frames, config.data.height, config.data.width), config.model.patch)))
+
+  def batches():
+    while True:
+      local = next(data)
+      yield {k: jax.make_array_from_process_local_data(batch_shardings[k], local[k]) for k in batch_shardings}, tokens
+  return step_fn, state, frozen, batches(), mesh, rules
+
+
+def main(argv):
+  del argv
+  modes = {name: build(c) for name, c in configs().items()}
+  states = {name: m[1] for name, m in modes.items()}
+  times, tokens = {name: [] for name in modes}, {name: [] for name in modes}
+  for i in range(3 + FLAGS.steps):
+    for name, (step_fn, _, frozen, batches, mesh, rules) in modes.items():
+      batch, n = next(batches)
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        start = time.perf_counter()
+        states[name], metrics = step_fn(states[name], batch, frozen)
+        jax.block_until_ready((states[name], metrics))
+        seconds = time.perf_counter() - start
+      if i >= 3:
+        times[name].append(seconds)
+        tokens[name].append(n)
+  result = {}
+  for name in modes:
+    step_s, real = float(np.median(times[name])), float(np.mean(tokens[name]))
+    result[name] = {'step_time_s': round(step_s, 4), 'min_step_time_s': round(float(np.min(times[name])), 4),
+                    'real_tokens_per_step': round(real, 1), 'real_tokens_per_s': round(real / step_s, 1)}
+  ratio = lambda key: result['packed']['real_tokens_per_step'] / result['fixed']['real_tokens_per_step'] * (
+      result['fixed'][key] / result['packed'][key])
+  result['packed_over_fixed'] = round(ratio('step_time_s'), 3)  # by median step times
+  result['packed_over_fixed_by_min'] = round(ratio('min_step_time_s'), 3)  # by the fastest of each
+  result['steps'] = FLAGS.steps
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  app.run(main)
