@@ -50,7 +50,7 @@ def configs():
 
 
 def build(config):
-  """(step_fn, state, frozen, batches: an endless iterator of (batch, real tokens of a step), mesh, rules)."""
+  """(step_fn, state, frozen, batches: an endless iterator, real tokens a step, mesh, rules)."""
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_tuple(config.sharding_rules)
   source = pipeline.SkipBadRecords(pipeline.data_source(config.data, 'train'), config.data.max_text_len,
@@ -79,18 +79,18 @@ def build(config):
   def batches():
     while True:
       local = next(data)
-      yield {k: jax.make_array_from_process_local_data(batch_shardings[k], local[k]) for k in batch_shardings}, tokens
-  return step_fn, state, frozen, batches(), mesh, rules
+      yield {k: jax.make_array_from_process_local_data(batch_shardings[k], local[k]) for k in batch_shardings}
+  return step_fn, state, frozen, batches(), tokens, mesh, rules
 
 
 def main(argv):
   del argv
   modes = {name: build(c) for name, c in configs().items()}
   states = {name: m[1] for name, m in modes.items()}
-  times, tokens = {name: [] for name in modes}, {name: [] for name in modes}
+  times = {name: [] for name in modes}
   for i in range(3 + FLAGS.steps):
-    for name, (step_fn, _, frozen, batches, mesh, rules) in modes.items():
-      batch, n = next(batches)
+    for name, (step_fn, _, frozen, batches, _, mesh, rules) in modes.items():
+      batch = next(batches)
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         start = time.perf_counter()
         states[name], metrics = step_fn(states[name], batch, frozen)
@@ -98,10 +98,9 @@ def main(argv):
         seconds = time.perf_counter() - start
       if i >= 3:
         times[name].append(seconds)
-        tokens[name].append(n)
   result = {}
   for name in modes:
-    step_s, real = float(np.median(times[name])), float(np.mean(tokens[name]))
+    step_s, real = float(np.median(times[name])), modes[name][4]
     result[name] = {'step_time_s': round(step_s, 4), 'min_step_time_s': round(float(np.min(times[name])), 4),
                     'real_tokens_per_step': round(real, 1), 'real_tokens_per_s': round(real / step_s, 1)}
   ratio = lambda key: result['packed']['real_tokens_per_step'] / result['fixed']['real_tokens_per_step'] * (
