@@ -43,6 +43,7 @@ flags.DEFINE_float('guidance_scale', None, 'Text guidance scale (default: config
 flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config).')
 flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
 flags.DEFINE_float('stochasticity', None, 'Fresh noise per sampling step in [0, 1] (default: config).')
+flags.DEFINE_float('time_shift', None, 'Sampling time shift (> 1: more steps at high noise; default: config).')
 flags.DEFINE_string('out_dir', None, 'If set, write the first batch of each mode here as GIFs (input | output).')
 flags.DEFINE_string('modes', 'image_to_video,extend,extend_backward,interpolate,edit', 'Comma-separated modes.')
 FLAGS = flags.FLAGS
@@ -67,7 +68,8 @@ def main(argv):
     cfg = model.config
     T = cfg.data.frames
     kw = dict(num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale,
-              frame_guidance_scale=FLAGS.frame_guidance_scale, stochasticity=FLAGS.stochasticity)
+              frame_guidance_scale=FLAGS.frame_guidance_scale, stochasticity=FLAGS.stochasticity,
+              time_shift=FLAGS.time_shift)
     rng = np.random.default_rng(FLAGS.seed + 10_000)  # not the dataset's seeds
     result = dict(workdir=FLAGS.workdir, step=model.step, cases=FLAGS.cases, max_error_px=FLAGS.max_error_px)
     start = time.time()
@@ -133,7 +135,8 @@ def main(argv):
         result[f'{mode}_speed_ratio'] = round(float(np.nanmedian(speed_ratios)), 3)
     result.update(exact_given=all(exact), seconds=round(time.time() - start, 1), strength=FLAGS.strength,
                   guidance_scale=FLAGS.guidance_scale, frame_guidance_scale=FLAGS.frame_guidance_scale,
-                  stochasticity=FLAGS.stochasticity, steps=FLAGS.steps)
+                  stochasticity=FLAGS.stochasticity, steps=FLAGS.steps,
+                  time_shift=FLAGS.time_shift)
     print(json.dumps(result))
   except UsageError as e:
     sys.exit(f'error: {e}')
