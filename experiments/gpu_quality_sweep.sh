@@ -8,8 +8,9 @@
 #   bash experiments/gpu_quality_sweep.sh out "base 2200" "long 6600" "p188 2200 --config.model.patch=1,8,8"
 #
 # Per variant: OUT_DIR/NAME.train.log, NAME.metrics.jsonl (eval/adherence/* at the end: text-to-video),
-# NAME.eval.log (its last line: the prompting JSON). Env: TRAIN_S (per-variant training limit, s; a variant
-# stopped by it is scored at its last checkpoint, whose step the JSON gives), MODES, CASES.
+# NAME.eval.log (its last line: the prompting JSON); the workdirs in OUT_DIR/runs. Env: TRAIN_S (per-variant
+# training limit, s; a variant stopped by it is scored at its last checkpoint, whose step the JSON gives),
+# MODES, CASES, DROP_CHECKPOINTS=1 (delete each variant's checkpoints once scored).
 # Variants run one after another on purpose: six concurrent float32 runs with
 # JAX_DEFAULT_MATMUL_PRECISION=highest spent over 7 minutes compiling (XLA's GEMM autotuning, per process)
 # and trained nothing; hence also --xla_gpu_autotune_level=0 (compile ~20 s).
@@ -33,6 +34,6 @@ for variant in "$@"; do
   $PY experiments/eval_prompting.py --workdir="$wd" --cases="${CASES:-100}" \
     --modes="${MODES:-image_to_video,extend,extend_backward,interpolate,edit}" > "$OUT/$name.eval.log" 2>&1
   echo "$name: $(grep '^{' "$OUT/$name.eval.log" | tail -1)"
-  rm -rf "$wd/checkpoints"  # $OUT comes back from a lent machine: keep it small
+  [ "${DROP_CHECKPOINTS:-0}" = 1 ] && rm -rf "$wd/checkpoints"  # e.g. when OUT_DIR must travel back small
 done
 echo "done at $(( $(date +%s) - T0 )) s"
