@@ -35,24 +35,18 @@ def test_main_trains_and_sample_writes_a_video(data_dir, tmp_path):
   (sample_dir,) = os.listdir(os.path.join(workdir, 'samples'))
   assert len(os.listdir(os.path.join(workdir, 'samples', sample_dir))) == 4  # 2 prompts x mp4, gif
 
-  for out in ('red.mp4', 'red.gif'):
-    path = str(tmp_path / out)
-    result = run('sora_jax.sample', f'--workdir={workdir}', '--prompt=a red circle moving right',
-                 f'--out={path}', '--steps=3', '--guidance_scale=2', '--seed=1')
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert video.read(path).shape == (8, 32, 32, 3)
+  # .mp4 here; the prompting flags' test (test_frame_conditioning.py) samples .gif and .png.
+  path = str(tmp_path / 'red.mp4')
+  result = run('sora_jax.sample', f'--workdir={workdir}', '--prompt=a red circle moving right',
+               f'--out={path}', '--steps=3', '--guidance_scale=2', '--seed=1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert video.read(path).shape == (8, 32, 32, 3)
 
 
 def test_sample_from_a_workdir_without_checkpoint_is_a_one_line_error(tmp_path):
   result = run('sora_jax.sample', f'--workdir={tmp_path}', '--prompt=a red circle moving right')
   assert result.returncode != 0
   assert 'error:' in result.stderr and 'Traceback' not in result.stderr
-
-
-def test_a_mistyped_config_field_is_rejected(tmp_path):
-  result = run('sora_jax.main', '--config=configs/shapes.py:tiny', f'--workdir={tmp_path}',
-               '--config.totl_steps=3')
-  assert result.returncode != 0 and 'totl_steps' in result.stderr
 
 
 def test_a_mistyped_config_field_or_file_is_one_line_without_traceback(tmp_path):
