@@ -17,7 +17,9 @@ Inputs are clips rendered here (`shapes.render_clip`, attributes, start and spee
                   the clip's path (centroid error <= --max_error_px).
   `*_error_px`: the median path error (image_to_video: distance from a straight line);
   `*_speed_ratio` (extend, extend_backward): the median speed of the generated frames over the true
-  speed (centroid velocity fitted over those frames; < 1: the model slows the object down).
+  speed (centroid velocity fitted over those frames; < 1: the model slows the object down);
+  `*_speed_slope`: the least-squares slope of generated against true speed over the cases (1: the
+  model reads the speed off the given frames; 0: it ignores them and moves every object alike).
 """
 
 import json
@@ -75,7 +77,7 @@ def main(argv):
     start = time.time()
     exact = []
     for mode in modes:
-      right, errors, speed_ratios = [], [], []
+      right, errors, speed_ratios, speeds = [], [], [], []
       for first in range(0, FLAGS.cases, FLAGS.batch):
         cases = [random_case(rng, cfg) for _ in range(min(FLAGS.batch, FLAGS.cases - first))]
         clips = np.stack([c['video'] for c in cases])
@@ -106,8 +108,8 @@ def main(argv):
           errs = [adherence.path_error(v, c, ~given) for v, c in zip(videos, clips)]
           errors.extend(errs)
           if mode != 'interpolate':
-            speed_ratios.extend(adherence.speed(v, ~given) / adherence.speed(c, ~given)
-                                for v, c in zip(videos, clips))
+            speeds.extend((adherence.speed(c, ~given), adherence.speed(v, ~given)) for v, c in zip(videos, clips))
+            speed_ratios.extend(generated / true for true, generated in speeds[-len(cases):])
           judged = [e <= FLAGS.max_error_px and adherence.judge_color(v[~given]) == shapes.parse_caption(p)[0]
                     for e, v, p in zip(errs, videos, prompts)]
         else:  # edit: another color, the same shape and direction
@@ -133,6 +135,9 @@ def main(argv):
         result[f'{mode}_error_px'] = round(float(np.median(finite)), 2) if finite else None
       if np.isfinite(speed_ratios).any():
         result[f'{mode}_speed_ratio'] = round(float(np.nanmedian(speed_ratios)), 3)
+        true, generated = np.array([p for p in speeds if np.isfinite(p).all()]).T
+        if len(true) > 1 and np.ptp(true) > 0:
+          result[f'{mode}_speed_slope'] = round(float(np.polyfit(true, generated, 1)[0]), 3)
     result.update(exact_given=all(exact), seconds=round(time.time() - start, 1), strength=FLAGS.strength,
                   guidance_scale=FLAGS.guidance_scale, frame_guidance_scale=FLAGS.frame_guidance_scale,
                   stochasticity=FLAGS.stochasticity, steps=FLAGS.steps,

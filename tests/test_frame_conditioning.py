@@ -335,3 +335,26 @@ def test_a_conditioning_probability_without_the_models_mark_is_refused(tiny_conf
   tiny_config.frame_conditioning.update(probability=0.5, strategies={'middle': 1.0})
   with pytest.raises(UsageError, match="unknown strategies \\['middle'\\]"):
     train.validate_config(tiny_config, 8)
+
+
+def test_the_extension_probe_reports_speed_slope_and_path_error_per_noise_level(conditioned_workdir):
+  import json
+  import os
+  import subprocess
+  import sys
+  from sora_jax.eval import adherence
+  from tests.conftest import subprocess_env
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, os.path.join(root, 'experiments'))
+  import extension_probe
+  # On a clean clip the brightness centroid is the judge's centroid.
+  c = clip()
+  np.testing.assert_allclose(extension_probe.soft_centroids(c[None].astype(np.float32) / 127.5 - 1.0)[0],
+                             adherence.centroids(c), atol=1e-4)
+  result = subprocess.run([sys.executable, 'experiments/extension_probe.py', f'--workdir={conditioned_workdir}',
+                           '--cases=4', '--noise_levels=1,0.5'], cwd=root, env=subprocess_env(1, PYTHONPATH=root),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  line = json.loads(result.stdout.splitlines()[-1])
+  assert set(line) >= {'t=1', 't=0.5'} and line['cases'] == 4
+  assert all(np.isfinite(line[k]['speed_slope']) and 0 <= line[k]['right'] <= 1 for k in ('t=1', 't=0.5'))
