@@ -35,14 +35,6 @@ flags.DEFINE_float('max_error_px', 1.5, 'Largest mean centroid error (pixels) of
 FLAGS = flags.FLAGS
 
 
-def soft_centroids(x_bthwc) -> np.ndarray:
-  """[b, T, 2] (y, x) centroids of brightness (max channel, background -1 -> weight 0) per frame."""
-  weight = np.clip(np.asarray(x_bthwc).max(-1) + 1.0, 0.0, None)  # [b, T, H, W]
-  yy, xx = np.mgrid[0:weight.shape[2], 0:weight.shape[3]]  # pixel indices, as `adherence.centroids`
-  total = weight.sum((2, 3)) + 1e-9
-  return np.stack([(weight * yy).sum((2, 3)) / total, (weight * xx).sum((2, 3)) / total], -1)
-
-
 def main(argv):
   del argv
   from sora_jax import sample
@@ -77,7 +69,7 @@ def main(argv):
   result = dict(workdir=FLAGS.workdir, step=model.step, cases=n)
   for t in levels:
     x_t = fc.apply_to_input((1 - t) * x0 + t * noise, x0, mask_bt)
-    path = soft_centroids(predict(x_t, jnp.full((n,), t)))[:, ~given]
+    path = adherence.soft_centroids(predict(x_t, jnp.full((n,), t)))[:, ~given]
     speed = np.array([np.linalg.norm(np.polyfit(frames - frames.mean(), p, 1)[0]) for p in path])
     error = np.linalg.norm(path - true_path, axis=-1).mean(1)
     result[f't={t:g}'] = dict(speed_slope=round(float(np.polyfit(true_speed, speed, 1)[0]), 3),

@@ -345,11 +345,9 @@ def test_the_extension_probe_reports_speed_slope_and_path_error_per_noise_level(
   from sora_jax.eval import adherence
   from tests.conftest import subprocess_env
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  sys.path.insert(0, os.path.join(root, 'experiments'))
-  import extension_probe
   # On a clean clip the brightness centroid is the judge's centroid.
   c = clip()
-  np.testing.assert_allclose(extension_probe.soft_centroids(c[None].astype(np.float32) / 127.5 - 1.0)[0],
+  np.testing.assert_allclose(adherence.soft_centroids(c[None].astype(np.float32) / 127.5 - 1.0)[0],
                              adherence.centroids(c), atol=1e-4)
   result = subprocess.run([sys.executable, 'experiments/extension_probe.py', f'--workdir={conditioned_workdir}',
                            '--cases=4', '--noise_levels=1,0.5'], cwd=root, env=subprocess_env(1, PYTHONPATH=root),

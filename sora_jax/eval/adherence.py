@@ -72,6 +72,16 @@ def centroids(video_thwc) -> np.ndarray:
   return np.array(out)
 
 
+def soft_centroids(x_bthwc) -> np.ndarray:
+  """[b, T, 2] (y, x) centroids of brightness per frame of model outputs in [-1, 1] (max channel + 1:
+  the black background weighs 0). A blurred estimate's centroid is where the model expects the object;
+  on a clean clip it is `centroids`'."""
+  weight = np.clip(np.asarray(x_bthwc, np.float32).max(-1) + 1.0, 0.0, None)  # [b, T, H, W]
+  yy, xx = np.mgrid[0:weight.shape[2], 0:weight.shape[3]]  # pixel indices, as `centroids`
+  total = weight.sum((2, 3)) + 1e-9
+  return np.stack([(weight * yy).sum((2, 3)) / total, (weight * xx).sum((2, 3)) / total], -1)
+
+
 def path_error(generated_thwc, truth_thwc, frames) -> float:
   """Mean centroid distance (px) over `frames`; inf where the generated video lost the object."""
   err = np.linalg.norm(centroids(generated_thwc)[frames] - centroids(truth_thwc)[frames], axis=-1)
