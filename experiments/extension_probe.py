@@ -69,7 +69,9 @@ def main(argv):
   result = dict(workdir=FLAGS.workdir, step=model.step, cases=n)
   for t in levels:
     x_t = fc.apply_to_input((1 - t) * x0 + t * noise, x0, mask_bt)
-    path = adherence.soft_centroids(predict(x_t, jnp.full((n,), t)))[:, ~given]
+    out = predict(x_t, jnp.full((n,), t))
+    x0_hat = out if cfg.objective.prediction == 'x0' else x_t - t * out  # v = (x_t - x0) / t
+    path = adherence.soft_centroids(x0_hat)[:, ~given]
     speed = np.array([np.linalg.norm(np.polyfit(frames - frames.mean(), p, 1)[0]) for p in path])
     error = np.linalg.norm(path - true_path, axis=-1).mean(1)
     result[f't={t:g}'] = dict(speed_slope=round(float(np.polyfit(true_speed, speed, 1)[0]), 3),
