@@ -15,8 +15,8 @@ squares are the weak spot, 0.60 / 0.62: ragged edges the judge reads as circles)
 classifier's heads (learned adherence): 1.00 / 1.00 / 0.98-0.99; FVD (classifier features, 336 samples
 vs the 512 validation clips) 14.7 / 14.2; during training (64 clips) eval/fvd 20.3 / 21.0 at step 2200.
 Right per prompting mode (100 unseen rendered inputs each): image-to-video 1.00 /
-1.00, interpolation 0.96 / 1.00, extension 0.64 / 0.61, backward extension 0.58 / 0.58 (placement is
-the weak spot: median path error 1.2-1.3 px against a 1.5 px bar), SDEdit to another color 0.72 / 0.77
+1.00, interpolation 0.96 / 1.00, extension 0.64 / 0.61, backward extension 0.58 / 0.58 (speed is
+the weak spot: the model barely reads it off the given frames, experiments/extension_probe.py), SDEdit to another color 0.72 / 0.77
 (--strength=0.7 --guidance_scale=3). With learning rate 1e-3 (the default before): shape 0.75, FVD
 23.0, extension 0.58, backward 0.54, SDEdit 0.83.
 
