@@ -13,9 +13,6 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   import tempfile  # noqa: E402
   os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(
       tempfile.gettempdir(), f'sora_jax_test_cache_{os.environ.get("PYTEST_XDIST_TESTRUNUID", os.getpid())}')
-# Every compile, not only those over 1 s: with unoptimized code generation most take less, and the
-# same small programs recur across tests and subprocesses (suite: 26.5 against 28.4 CPU minutes).
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pytest  # noqa: E402
 
