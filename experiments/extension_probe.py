@@ -24,6 +24,7 @@ from flax import nnx
 from sora_jax import UsageError
 from sora_jax.data import shapes
 from sora_jax.diffusion import frame_conditioning as fc
+from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.eval import adherence
 
 flags.DEFINE_string('workdir', None, 'Training workdir (a frame-conditioned, pixel-space shapes model).')
@@ -68,9 +69,9 @@ def main(argv):
   frames = np.flatnonzero(~given).astype(float)
   result = dict(workdir=FLAGS.workdir, step=model.step, cases=n)
   for t in levels:
-    x_t = fc.apply_to_input((1 - t) * x0 + t * noise, x0, mask_bt)
-    out = predict(x_t, jnp.full((n,), t))
-    x0_hat = out if cfg.objective.prediction == 'x0' else x_t - t * out  # v = (x_t - x0) / t
+    t_b = jnp.full((n,), t)
+    x_t = fc.apply_to_input(rf.interpolate(x0, noise, t_b), x0, mask_bt)
+    x0_hat = x_t - t * rf.to_velocity(predict(x_t, t_b), x_t, t_b, prediction_type=cfg.objective.prediction)
     path = adherence.soft_centroids(x0_hat)[:, ~given]
     speed = np.array([np.linalg.norm(np.polyfit(frames - frames.mean(), p, 1)[0]) for p in path])
     error = np.linalg.norm(path - true_path, axis=-1).mean(1)
