@@ -141,6 +141,29 @@ def test_a_checkpoint_from_8_devices_restores_onto_4_and_1_and_back(tiny_config,
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), expected)
 
 
+def test_saving_a_replicated_state_on_cpu_compiles_nothing(tmp_path):
+  """Replica-parallel writes slice each replicated array per replica, a compile per slice shape:
+  on CPU that only costs time (seconds on the tiny config), so the manager turns it off."""
+  from sora_jax import checkpoint
+  mesh = jax.make_mesh((8,), ('data',))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = {k: {'w': jax.device_put(jnp.ones(shape), replicated)} for k, shape in
+           (('step', ()), ('params', (40, 24)), ('opt_state', (40, 24)), ('ema', (24, 17)))}
+  compiles = []
+  listener = lambda event, duration, **kw: compiles.append(event) if 'backend_compile' in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    mngr = checkpoint.manager(str(tmp_path))
+    checkpoint.save(mngr, 1, state)
+    mngr.wait_until_finished()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+  restored = checkpoint.restore(mngr, 1, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                                      sharding=x.sharding), state))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+
+
 @pytest.mark.slow
 def test_sigkill_during_checkpointing_leaves_a_resumable_workdir(data_dir, tmp_path):
   from sora_jax import checkpoint, sample
