@@ -507,8 +507,9 @@ def make_train_step(config, graphdef, tx, autoencoder, text_encoder=None):
     params = optax.apply_updates(state['params'], updates)
     ema = optim.ema_update(state['ema'], params, config.ema_decay, state['step'])
     grad_norm = optax.global_norm(grads)
-    # A non-finite loss, gradient or update skips the step: parameters, moments and EMA stay.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    # A non-finite loss or gradient skips the step: parameters, moments and EMA stay. (A finite
+    # norm means every gradient is finite; clipped to it, Adam's update is finite too.)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = dict(step=state['step'] + 1, params=keep(params, state['params']),
                      opt_state=keep(opt_state, state['opt_state']), ema=keep(ema, state['ema']))
