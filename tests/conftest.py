@@ -14,6 +14,12 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(
       tempfile.gettempdir(), f'sora_jax_test_cache_{os.environ.get("PYTEST_XDIST_TESTRUNUID", os.getpid())}')
 
+# The shapes classifier (FVD features, learned judge) trains on first use: into this session's own
+# cache, never the user's ~/.cache, and shorter (the tests need a working judge, not the best one).
+if 'SORA_JAX_CACHE' not in os.environ:
+  os.environ['SORA_JAX_CACHE'] = os.environ['JAX_COMPILATION_CACHE_DIR'] + '_classifiers'
+os.environ.setdefault('SORA_JAX_CLASSIFIER_STEPS', '150')
+
 import pytest  # noqa: E402
 
 

@@ -106,8 +106,10 @@ def test_i3d_refuses_bad_checkpoints_and_short_clips(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def shapes_classifier(tmp_path_factory):
-  return classifier.load_or_train(cache_dir=str(tmp_path_factory.mktemp('cache')), steps=150)
+def shapes_classifier():
+  # The session's cache (tests/conftest.py), whose default is these 150 steps: trained once, for the
+  # tests that evaluate 8x32x32 clips too.
+  return classifier.load_or_train(steps=150)
 
 
 def test_shapes_classifier_is_accurate_on_held_out_clips(shapes_classifier):
@@ -156,3 +158,13 @@ def test_the_prompting_judge_measures_path_error_and_speed_of_the_generated_fram
   lost = truth.copy()
   lost[6] = 0
   assert adherence.path_error(lost, truth, later) == float('inf') and np.isnan(adherence.speed(lost, later))
+
+
+def test_classifier_steps_come_from_the_environment_and_a_bad_value_names_it(monkeypatch, tmp_path):
+  size = classifier.ClipSize(8, 32, 32, 12)
+  monkeypatch.setenv('SORA_JAX_CLASSIFIER_STEPS', '42')
+  assert classifier.cache_path(size, str(tmp_path)).endswith('_steps42.npz')
+  assert classifier.cache_path(size, str(tmp_path), steps=7).endswith('_steps7.npz')
+  monkeypatch.setenv('SORA_JAX_CLASSIFIER_STEPS', 'many')
+  with pytest.raises(ValueError, match=r"\$SORA_JAX_CLASSIFIER_STEPS='many'"):
+    classifier.load_or_train(cache_dir=str(tmp_path))

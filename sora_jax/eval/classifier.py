@@ -7,7 +7,8 @@
 
 No weights can be downloaded, so the network trains here, on clips rendered on the fly by
 `shapes.random_clip` (a seed stream of its own, never the dataset's), and is cached per clip size
-in $SORA_JAX_CACHE (default ~/.cache/sora_jax). Two spacetime patch layers (2x4x4 pixels, then 2x2x2 in
+in $SORA_JAX_CACHE (default ~/.cache/sora_jax), trained for $SORA_JAX_CLASSIFIER_STEPS steps (default
+600; the name of the cached file says how many; the tests use fewer). Two spacetime patch layers (2x4x4 pixels, then 2x2x2 in
 space and time, as matmuls) and a mean over positions give a 128-d embedding; three linear heads
 read it.
 """
@@ -168,15 +169,24 @@ class Classifier:
     return cls(nnx.merge(graphdef, state), size)
 
 
-def cache_path(size: ClipSize, cache_dir: str | None = None, steps: int = 600) -> str:
+def default_steps() -> int:
+  value = os.environ.get('SORA_JAX_CLASSIFIER_STEPS', '600')
+  if not value.isdigit() or int(value) < 1:
+    raise ValueError(f'$SORA_JAX_CLASSIFIER_STEPS={value!r}: expected a positive integer')
+  return int(value)
+
+
+def cache_path(size: ClipSize, cache_dir: str | None = None, steps: int | None = None) -> str:
+  steps = steps or default_steps()
   cache_dir = cache_dir or os.environ.get('SORA_JAX_CACHE') or os.path.expanduser('~/.cache/sora_jax')
   return os.path.join(cache_dir, f'shapes_classifier_v{VERSION}_{size.name}_steps{steps}.npz')
 
 
 def load_or_train(frames: int = 8, height: int = 32, width: int = 32, object_size: int = 12, *,
-                  cache_dir: str | None = None, steps: int = 600) -> Classifier:
+                  cache_dir: str | None = None, steps: int | None = None) -> Classifier:
   """The cached classifier for this clip size, trained first (about 30 s on a CPU) if missing."""
   size = ClipSize(frames, height, width, object_size)
+  steps = steps or default_steps()
   path = cache_path(size, cache_dir, steps)
   if os.path.exists(path):
     try:
