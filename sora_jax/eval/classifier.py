@@ -7,10 +7,10 @@
 
 No weights can be downloaded, so the network trains here, on clips rendered on the fly by
 `shapes.random_clip` (a seed stream of its own, never the dataset's), and is cached per clip size
-in $SORA_JAX_CACHE (default ~/.cache/sora_jax), trained for $SORA_JAX_CLASSIFIER_STEPS steps (default
-600; the name of the cached file says how many; the tests use fewer). Two spacetime patch layers (2x4x4 pixels, then 2x2x2 in
-space and time, as matmuls) and a mean over positions give a 128-d embedding; three linear heads
-read it.
+in $SORA_JAX_CACHE (default ~/.cache/sora_jax), trained for $SORA_JAX_CLASSIFIER_STEPS steps
+(default 600; the cached file's name says how many; the tests use fewer). Two spacetime patch
+layers (2x4x4 pixels, then 2x2x2 in space and time, as matmuls) and a mean over positions give a
+128-d embedding; three linear heads read it.
 """
 
 import dataclasses
