@@ -33,6 +33,7 @@ from sora_jax.eval import adherence, classifier, fvd
 
 flags.DEFINE_string('workdir', None, 'Training workdir.')
 flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest).')
+flags.DEFINE_enum('params', 'ema', ('ema', 'raw'), 'Sample with the EMA parameters or the raw (not averaged) ones.')
 flags.DEFINE_integer('seeds', 1, 'Samples per caption.')
 flags.DEFINE_integer('first_seed', 1000, 'Noise seeds are first_seed, first_seed + 1, ...')
 flags.DEFINE_integer('batch', 42, 'Prompts per sampling call.')
@@ -79,7 +80,7 @@ def main(argv):
         (size,) = shapes.parse_sizes(FLAGS.size)
       except (UsageError, ValueError):
         raise UsageError(f'--size={FLAGS.size}: give one FRAMESxHEIGHTxWIDTH, e.g. 16x32x56') from None
-    model = sample.load(FLAGS.workdir, FLAGS.checkpoint_step)
+    model = sample.load(FLAGS.workdir, FLAGS.checkpoint_step, FLAGS.params)
     start = time.time()
     if FLAGS.ground_truth:
       from sora_jax.data import pipeline

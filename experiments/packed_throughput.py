@@ -1,14 +1,16 @@
 r"""Packed against fixed-size training throughput: the real train steps, timed alternately in one process.
 
-  python experiments/packed_throughput.py [--steps=40]
+  python experiments/packed_throughput.py [--steps=40] [--fixed_sizes=16x32x32,16x32x56]
 
 Builds the train step of `configs/shapes_native.py` (packed rows of 224 tokens, 9 a step, every size;
-no frame conditioning, no curriculum) and of `configs/shapes.py` at the same tokens per step (16 clips
-of 16 x 32 x 32, 128 tokens each: 2048), with the same model, feeds each the batches its own pipeline
-makes, and times the two steps in turn (each timing one step, blocked until done) so that the machine's
-drift falls on both alike. Prints one JSON line: median and fastest seconds per step, real
-(non-padding) patch tokens per step and per second of each, and packed / fixed by either. Step times on
-a shared 2-core VM wander by ~10% from run to run: compare ratios, and several runs.
+no frame conditioning, no curriculum) and of `configs/shapes.py` at about the same tokens per step for
+each of `--fixed_sizes` (as many clips as fit in 2048 tokens: 16 of 16 x 32 x 32, 128 tokens each; 9 of
+16 x 32 x 56, 224 tokens each, the packed rows' length, so only what packing adds differs), with the
+same model, feeds each the batches its own pipeline makes, and times the steps in turn (each timing one
+step, blocked until done) so that the machine's drift falls on all alike. Prints one JSON line: median
+and fastest seconds per step, real (non-padding) patch tokens per step and per second of each, and
+packed / fixed by either, per fixed size. Step times on a shared 2-core VM wander by ~10% from run to
+run: compare ratios, and several runs.
 """
 
 import importlib.util
@@ -27,7 +29,9 @@ from sora_jax.data import pipeline
 from sora_jax.models import autoencoder as autoencoder_lib
 
 flags.DEFINE_integer('steps', 40, 'Timed steps of each mode (after 3 warm-up steps each).')
+flags.DEFINE_list('fixed_sizes', ['16x32x32', '16x32x56'], 'Fixed clip sizes (FxHxW) to compare packing with.')
 FLAGS = flags.FLAGS
+TOKENS_PER_STEP = 2048
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,10 +47,20 @@ def configs():
   packed = load_config('shapes_native')
   packed.frame_conditioning.probability = 0.0
   packed.packing.curriculum_steps = 0
-  fixed = load_config('shapes')
-  fixed.data.frames, fixed.batch_size, fixed.frame_conditioning.probability = 16, 16, 0.0
-  fixed.eval.every_steps = 0
-  return {'packed': packed, 'fixed': fixed}
+  modes = {'packed': packed}
+  for size in FLAGS.fixed_sizes:
+    fixed = load_config('shapes')
+    try:
+      fixed.data.frames, fixed.data.height, fixed.data.width = (int(n) for n in size.split('x'))
+    except ValueError:
+      raise app.UsageError(f'--fixed_sizes: {size!r} is not FRAMESxHEIGHTxWIDTH') from None
+    tokens = math.prod(n // p for n, p in zip((fixed.data.frames, fixed.data.height, fixed.data.width),
+                                               fixed.model.patch))
+    fixed.batch_size = TOKENS_PER_STEP // tokens
+    fixed.frame_conditioning.probability = 0.0
+    fixed.eval.every_steps = 0
+    modes[f'fixed_{size}'] = fixed
+  return modes
 
 
 def build(config):
@@ -103,10 +117,13 @@ def main(argv):
     step_s, real = float(np.median(times[name])), modes[name][4]
     result[name] = {'step_time_s': round(step_s, 4), 'min_step_time_s': round(float(np.min(times[name])), 4),
                     'real_tokens_per_step': round(real, 1), 'real_tokens_per_s': round(real / step_s, 1)}
-  ratio = lambda key: result['packed']['real_tokens_per_step'] / result['fixed']['real_tokens_per_step'] * (
-      result['fixed'][key] / result['packed'][key])
-  result['packed_over_fixed'] = round(ratio('step_time_s'), 3)  # by median step times
-  result['packed_over_fixed_by_min'] = round(ratio('min_step_time_s'), 3)  # by the fastest of each
+  ratio = lambda fixed, key: result['packed']['real_tokens_per_step'] / result[fixed]['real_tokens_per_step'] * (
+      result[fixed][key] / result['packed'][key])
+  fixed_modes = [name for name in modes if name != 'packed']
+  # real tokens/s of packed over fixed, by median step times and by the fastest step of each
+  result['packed_over_fixed'] = {name[len('fixed_'):]: round(ratio(name, 'step_time_s'), 3) for name in fixed_modes}
+  result['packed_over_fixed_by_min'] = {name[len('fixed_'):]: round(ratio(name, 'min_step_time_s'), 3)
+                                        for name in fixed_modes}
   result['steps'] = FLAGS.steps
   print(json.dumps(result))
 

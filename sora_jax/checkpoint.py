@@ -50,3 +50,11 @@ def restore_ema(mngr: ocp.CheckpointManager, step: int, abstract_ema):
   """Only the EMA parameters (what sampling uses)."""
   restored = mngr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(abstract_ema)))
   return restored['ema']
+
+
+def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params):
+  """Only the raw (not averaged) parameters of the train state: no optimizer state is read."""
+  args = ocp.args.PyTreeRestore({'params': abstract_params}, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args({'params': abstract_params}))
+  restored = mngr.restore(step, args=ocp.args.Composite(train_state=args))
+  return restored['train_state']['params']

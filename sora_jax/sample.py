@@ -261,8 +261,14 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load(workdir: str, step: int | None = None) -> Model:
-  """Restores the EMA parameters of `workdir`, sharded (FSDP) over the local devices."""
+PARAMS = ('ema', 'raw')
+
+
+def load(workdir: str, step: int | None = None, params: str = 'ema') -> Model:
+  """Restores the EMA parameters of `workdir` (`params='raw'`: the trained ones, not averaged),
+  sharded (FSDP) over the local devices."""
+  if params not in PARAMS:
+    raise UsageError(f'params={params!r}: use one of {", ".join(PARAMS)}')
   config = read_config(workdir)
   if config.model.get('attention_impl') == 'cudnn' and jax.default_backend() != 'gpu':
     config.model.attention_impl = 'xla'  # the same attention, without a GPU
@@ -277,10 +283,11 @@ def load(workdir: str, step: int | None = None) -> Model:
   pure = abstract_params.to_pure_dict()
   shardings = sharding.logical_to_shardings(specs, pure, mesh, config.sharding_rules)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings)
-  params = checkpoint.restore_ema(mngr, step, target)
+  restore = checkpoint.restore_ema if params == 'ema' else checkpoint.restore_params
+  weights = restore(mngr, step, target)
   mngr.close()
   text_encoder = text_lib.from_config(config, mesh, sharding.rules_tuple(config.sharding_rules))
-  return Model(config, graphdef, params, ae, step, text_encoder)
+  return Model(config, graphdef, weights, ae, step, text_encoder)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,6 +312,7 @@ def define_flags():
                       'the empty caption).')
   flags.DEFINE_integer('seed', 0, 'Noise seed.')
   flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step to use (default: latest).')
+  flags.DEFINE_enum('params', 'ema', PARAMS, 'Sample with the EMA parameters or the raw (not averaged) ones.')
   flags.DEFINE_integer('upscale', 1, 'Repeat pixels this many times in the written video.')
   # Prompting with images and videos (a model trained with frame conditioning; sora_jax/prompting.py).
   flags.DEFINE_multi_string('keyframe', None, 'PATH@INDEX: an image placed at output frame INDEX (negative: '
@@ -410,7 +418,7 @@ def main(argv):
       check_size(cfg, autoencoder_lib.make(cfg.autoencoder, load_weights=False), prompting.window_length(cfg, frames),
                  FLAGS.height or cfg.data.height, FLAGS.width or cfg.data.width,
                  names=('--frames', '--height', '--width'), sampling=True)
-    model = load(FLAGS.workdir, FLAGS.checkpoint_step)
+    model = load(FLAGS.workdir, FLAGS.checkpoint_step, FLAGS.params)
     kw = dict(seed=FLAGS.seed, num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale,
               stochasticity=FLAGS.stochasticity, negative_prompt=FLAGS.negative_prompt,
               frame_guidance_scale=FLAGS.frame_guidance_scale)

@@ -35,10 +35,11 @@ def test_main_trains_and_sample_writes_a_video(data_dir, tmp_path):
   (sample_dir,) = os.listdir(os.path.join(workdir, 'samples'))
   assert len(os.listdir(os.path.join(workdir, 'samples', sample_dir))) == 4  # 2 prompts x mp4, gif
 
-  # .mp4 here; the prompting flags' test (test_frame_conditioning.py) samples .gif and .png.
+  # .mp4 here, from the raw parameters; the prompting flags' test (test_frame_conditioning.py) samples
+  # .gif and .png from the EMA ones.
   path = str(tmp_path / 'red.mp4')
   result = run('sora_jax.sample', f'--workdir={workdir}', '--prompt=a red circle moving right',
-               f'--out={path}', '--steps=3', '--guidance_scale=2', '--seed=1')
+               f'--out={path}', '--steps=3', '--guidance_scale=2', '--seed=1', '--params=raw')
   assert result.returncode == 0, result.stderr[-3000:]
   assert video.read(path).shape == (8, 32, 32, 3)
 

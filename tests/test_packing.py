@@ -328,11 +328,18 @@ def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tm
   config.frame_conditioning.probability = 0.6  # frame-conditioned packed rows
   config.sample.prompts = ()
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
+  state = train.train_and_evaluate(config, workdir)
   import json
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert [r['step'] for r in rows] == [1, 2, 3] and all(np.isfinite(r['train/loss']) for r in rows)
   model = sample.load(workdir)
+  # Sampling reads the EMA parameters, or the raw ones on request (without the optimizer state).
+  raw = sample.load(workdir, params='raw')
+  for loaded, trained in ((model.params, state['ema']), (raw.params, state['params'])):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, trained)
+  assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: np.array_equal(a, b), raw.params, model.params)))
+  with pytest.raises(UsageError, match="params='best'"):
+    sample.load(workdir, params='best')
   for size in ((1, 16, 16), (2, 16, 24), (2, 24, 16)):  # an image, wide and tall clips
     assert sample.generate(model, ['a red circle moving right'], size=size, num_steps=1).shape == (1, *size, 3)
   first = np.random.default_rng(0).integers(0, 256, (4, 16, 24, 3), np.uint8)  # image-to-video, wide
