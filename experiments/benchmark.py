@@ -171,7 +171,7 @@ class Step:
 
 def build_step(config, devices) -> Step:
   """Validates `config` for `devices` and builds the jitted step's inputs; allocates nothing."""
-  train.validate_config(config, len(devices))
+  train.validate_config(config, len(devices), devices[0].platform)
   if config.data.name == 'encoded':
     raise UsageError('config.data.name="encoded": benchmark the step on clips (the same DiT step, plus the encoders)')
   if text_lib.is_frozen(config):  # its weights would have to be loaded (not AOT-able) and its FLOPs counted

@@ -270,8 +270,9 @@ def load(workdir: str, step: int | None = None, params: str = 'ema') -> Model:
   if params not in PARAMS:
     raise UsageError(f'params={params!r}: use one of {", ".join(PARAMS)}')
   config = read_config(workdir)
-  if config.model.get('attention_impl') == 'cudnn' and jax.default_backend() != 'gpu':
-    config.model.attention_impl = 'xla'  # the same attention, without a GPU
+  if {'cudnn': 'gpu', 'splash': 'tpu'}.get(config.model.get('attention_impl'), jax.default_backend()) != \
+      jax.default_backend():
+    config.model.attention_impl = 'xla'  # the same attention, without the GPU or TPU kernel
   mngr = checkpoint.manager(workdir, read_only=True)
   step = mngr.latest_step() if step is None else step
   if step is None or step not in mngr.all_steps():

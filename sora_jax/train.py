@@ -43,8 +43,9 @@ class NonFiniteError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 
-def validate_config(config, num_devices: int) -> dict[str, int]:
-  """Raises UsageError for a bad config; returns the resolved mesh sizes."""
+def validate_config(config, num_devices: int, platform: str | None = None) -> dict[str, int]:
+  """Raises UsageError for a bad config; returns the resolved mesh sizes. `platform`: the devices'
+  ('tpu' when compiling for a TPU slice ahead of time), by default this process's."""
   for field in ('total_steps', 'batch_size', 'log_every_steps', 'checkpoint_every_steps',
                 'max_checkpoints_to_keep', 'max_consecutive_nonfinite', 'sample.num_steps',
                 'data.frames', 'data.height', 'data.width', 'data.num_train', 'data.max_text_len',
@@ -119,6 +120,9 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
               if head_width % 8 or head_width > widest else [])
     if needs:
       raise UsageError('config.model.attention_impl="cudnn" (flash attention) needs ' + ' and '.join(needs))
+  if impl == 'splash' and (platform or jax.default_backend()) != 'tpu':
+    raise UsageError(f'config.model.attention_impl="splash" (the Pallas TPU flash kernel) needs TPU devices '
+                     f'(this run has {platform or jax.default_backend()} devices): use "xla" here')
   if m.get('sequence_parallel', 'all_to_all') not in layers.SEQUENCE_PARALLEL:
     raise UsageError(f'config.model.sequence_parallel={m.sequence_parallel!r}: use one of {layers.SEQUENCE_PARALLEL}')
   validate_frame_conditioning(config)

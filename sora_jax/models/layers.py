@@ -114,7 +114,7 @@ def _mesh_axes(logical_axes, shape) -> list[tuple[str, ...]]:
   return fitted
 
 
-ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn')
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'splash')
 
 
 def xla_attention(q_bsnk, k_blnk, v_blnk, mask_bnsl=None):
@@ -175,6 +175,10 @@ def attend(q_bsnk, k_blnk, v_blnk, mask_bl=None, implementation=None):
   XLA would average all values and cuDNN return zeros). Packed rows use `segment_attention`.
   `tests/test_layers.py` checks lengths == mask.
   """
+  if implementation == 'splash':
+    b, s, l = q_bsnk.shape[0], q_bsnk.shape[1], k_blnk.shape[1]
+    kv_segment_bl = jnp.ones((b, l), jnp.int32) if mask_bl is None else mask_bl.astype(jnp.int32)
+    return on_shards(splash_attention, q_bsnk, k_blnk, v_blnk, jnp.ones((b, s), jnp.int32), kv_segment_bl)
   if implementation == 'cudnn':
     lengths = None if mask_bl is None else mask_bl.sum(-1, dtype=jnp.int32)
     return jax.nn.dot_product_attention(q_bsnk, k_blnk, v_blnk, implementation=implementation,
@@ -193,6 +197,8 @@ def segment_attention(q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl, *, bl
   mask as its bias: [block, l] a row, fine for rows as long as a clip); equal to attending to each
   segment alone.
   """
+  if implementation == 'splash':  # a flash kernel: no [s, l] scores, no query blocks needed
+    return on_shards(splash_attention, q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl)
   b, s, n, k = q_bsnk.shape
   pad = -s % block if s > block else 0
   blocks = (s + pad) // min(block, s)
@@ -211,6 +217,65 @@ def segment_attention(q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl, *, bl
   # Checkpointed: the backward pass recomputes each block's scores instead of keeping all of them.
   out = jax.lax.map(jax.checkpoint(one), (q, seg))  # [blocks, b, block, n, k]
   return out.swapaxes(0, 1).reshape(b, s + pad, n, k)[:, :s]
+
+
+SPLASH_TILE = 128  # the splash kernel's smallest query and key tile
+
+
+def splash_attention(q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl):
+  """Attention through the Pallas TPU flash kernel (`splash_attention`), on one device's arrays
+  (`on_shards` splits sharded ones): query i sees key j where their segment ids (int32) are equal,
+  so padding masks and packed rows are both segment ids, and no [s, l] mask or scores exist.
+
+  Sequences are padded to the kernel's tiles (multiples of 128); padded keys get segment -1 and
+  padded queries (cut off again) the first key's. Off TPU (the abstract mesh's devices, so an
+  ahead-of-time compile for a TPU slice gets the real kernel) it runs in Pallas' interpret mode:
+  the same arithmetic, slowly, for tests. Scores and softmax in float32, as `xla_attention`.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+  b, s, n, k = q_bsnk.shape
+  l = k_blnk.shape[1]
+  s_pad, l_pad = -s % SPLASH_TILE, -l % SPLASH_TILE
+  heads_major = lambda x, pad: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # noqa: E731
+  q = heads_major(q_bsnk * (1 / math.sqrt(k)), s_pad)
+  k_, v = heads_major(k_blnk, l_pad), heads_major(v_blnk, l_pad)
+  q_seg = jnp.pad(q_segment_bs.astype(jnp.int32), ((0, 0), (0, s_pad)))
+  if s_pad:
+    q_seg = q_seg.at[:, s:].set(kv_segment_bl[:, :1].astype(jnp.int32))
+  kv_seg = jnp.pad(kv_segment_bl.astype(jnp.int32), ((0, 0), (0, l_pad)), constant_values=-1)
+  tile = lambda length: max(t for t in (512, 256, SPLASH_TILE) if length % t == 0)  # noqa: E731
+  bq, bkv = tile(s + s_pad), tile(l + l_pad)
+  kernel = splash.make_splash_mha(
+      splash_mask.MultiHeadMask([splash_mask.FullMask((s + s_pad, l + l_pad))] * n),
+      head_shards=1, q_seq_shards=1, interpret=_platform() != 'tpu',
+      block_sizes=splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                                    block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv))
+  one = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=splash.SegmentIds(qs, ks))  # noqa: E731
+  out_bnsk = jax.vmap(one)(q, k_, v, q_seg, kv_seg)
+  return out_bnsk.transpose(0, 2, 1, 3)[:, :s].astype(v_blnk.dtype)
+
+
+def _platform() -> str:
+  """The platform the code is compiled for: the current mesh's devices' (which may be a TPU slice
+  compiled for ahead of time on a CPU host), else the default backend's."""
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return jax.default_backend() if device is None else device.platform
+
+
+def on_shards(fn, q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl):
+  """`fn` (an attention kernel XLA cannot partition, such as a Pallas call) on each device's share:
+  batch and heads split as the activations are, queries also by sequence when their tokens are
+  sharded (keys and values whole). Inside a shard_map already: `fn` itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.manual_axes:
+    return fn(q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl)
+  batch_axes, seq_axes, head_axes, _ = _mesh_axes(('act_batch', 'act_seq', 'act_heads', None), q_bsnk.shape)
+  b, h = batch_axes or None, head_axes or None
+  q_spec, kv_spec = P(b, seq_axes or None, h, None), P(b, None, h, None)
+  # check_vma off: a Pallas call's outputs do not say how they vary over the mesh.
+  return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(b, seq_axes or None), P(b, None)),
+                       out_specs=q_spec, check_vma=False)(q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl)
 
 
 class PackedLayout(NamedTuple):
@@ -289,7 +354,8 @@ def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
     shard) divisible by n, otherwise it falls back to 'gather_kv'.
   - 'gather_kv': queries stay put, keys and values are all-gathered (n-1 times more traffic).
   - 'xla': no explicit collectives; the compiler chooses (it gathers keys and values).
-  All three equal unsharded attention. mask_bs: [b, s] True where a key is real (padding).
+  All three equal unsharded attention, with any `implementation` (see `Attention`; 'splash' always
+  runs inside a shard_map). mask_bs: [b, s] True where a key is real (padding).
   segment_bs: [b, s] segment ids of packed rows (0: padding) instead of a mask: `segment_attention`,
   or with a `layout` and rows longer than twice its window, `windowed_segment_attention` (where the
   queries are whole rows).
@@ -301,7 +367,8 @@ def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
     if segment_bs is None:
       return attend(q, k, v, m, implementation)
     # Windows only pay when they skip most of a row: their gathers cost more than the scores they skip.
-    if layout is not None and q_seg is None and q.shape[1] % layout.block == 0 and q.shape[1] > 2 * layout.window:
+    if (implementation != 'splash' and layout is not None and q_seg is None and q.shape[1] % layout.block == 0
+        and q.shape[1] > 2 * layout.window):
       return windowed_segment_attention(q, k, v, m, layout)
     return segment_attention(q, k, v, m if q_seg is None else q_seg, m, implementation=implementation)
 
@@ -327,11 +394,12 @@ def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
     gather = lambda x: jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)
     return plain(q, gather(k), gather(v), m, q_seg)
 
+  check_vma = implementation != 'splash'  # a Pallas call's outputs do not say how they vary over the mesh
   if extra is None:
     return jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh, in_specs=(spec, spec, spec),
-                         out_specs=spec)(q_bsnk, k_bsnk, v_bsnk)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, extra_spec), out_specs=spec)(
-      q_bsnk, k_bsnk, v_bsnk, extra)
+                         out_specs=spec, check_vma=check_vma)(q_bsnk, k_bsnk, v_bsnk)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, extra_spec), out_specs=spec,
+                       check_vma=check_vma)(q_bsnk, k_bsnk, v_bsnk, extra)
 
 
 class Attention(nnx.Module):
@@ -339,7 +407,8 @@ class Attention(nnx.Module):
 
   `zero_out=True` zero-initialises the output projection so the residual branch starts at 0.
   `qkv_bias=True` adds biases to the query, key and value projections (as in the DiT paper's blocks).
-  `implementation` is passed to `jax.nn.dot_product_attention` (None/'xla' or 'cudnn').
+  `implementation`: None/'xla' (`xla_attention`), 'cudnn' (`jax.nn.dot_product_attention`'s cuDNN
+  kernel) or 'splash' (`splash_attention`, the Pallas TPU kernel; packed rows as segment ids).
   `query_axis` names the logical axis of the queries: 'act_seq' (spacetime tokens, sharded for
   sequence parallelism), 'act_text' (text tokens) or None (a few pooling queries).
   `sequence_parallel` chooses how self-attention over sharded spacetime tokens communicates (see
@@ -404,7 +473,7 @@ class Attention(nnx.Module):
     elif segment_bs is not None:
       if context_segment_bl is None or mask_bl is not None:
         raise ValueError('packed cross-attention takes context_segment_bl (0 for padding) and no mask_bl')
-      if layout is not None and layout.slots and q.shape[1] % layout.block == 0:
+      if self.implementation != 'splash' and layout is not None and layout.slots and q.shape[1] % layout.block == 0:
         out = slotted_cross_attention(q, k, v, segment_bs, context_segment_bl, layout)
       else:
         out = segment_attention(q, k, v, segment_bs, context_segment_bl, implementation=self.implementation)
