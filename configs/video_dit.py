@@ -28,7 +28,10 @@ clips per remat policy) shows what it buys.
 
 All compute in bfloat16 (float32 parameters, moments and EMA), with FSDP over the slice (mesh
 fsdp=-1); 8B and 14B add tensor parallelism (4 and 8 ways), which splits each sample's attention
-(heads x tokens^2 scores: XLA's attention materialises them) and MLP activations.
+(heads x tokens^2 scores: XLA's attention materialises them) and MLP activations. On a TPU,
+`--config.model.attention_impl=splash` (the Pallas flash kernel; `experiments/launch/tpu_pod.sh`
+sets it) never stores the scores: memory then grows with the tokens, not their square (README,
+"On a TPU"); the figures above are XLA's attention.
 Override any field as usual, e.g. `--config.grad_accum_steps=2 --config.model.remat=dots`.
 """
 

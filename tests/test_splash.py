@@ -140,6 +140,22 @@ def test_splash_is_refused_where_there_is_no_tpu():
   train.validate_config(config, 4, 'tpu')  # compiling for a TPU slice
 
 
+def test_a_checkpoint_trained_with_splash_samples_here_with_xla_attention(tiny_config, tmp_path):
+  from sora_jax import checkpoint, optim, sample, train
+  config = tiny_config
+  config.model.attention_impl = 'splash'  # as a TPU run writes it
+  (tmp_path / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  _, _, shardings = train.state_shardings(config, mesh, tx)
+  mngr = checkpoint.manager(str(tmp_path))
+  checkpoint.save(mngr, 3, train.create_state(config, 3, tx, shardings))
+  mngr.wait_until_finished()
+  model = sample.load(str(tmp_path))
+  assert model.config.model.attention_impl == 'xla' and model.step == 3
+  assert sample.generate(model, ['a red circle'], num_steps=1).shape == (1, 8, 32, 32, 3)
+
+
 HLO_PROBE = r'''
 import json, re, sys
 sys.argv = ['benchmark.py', '--config=configs/shapes.py:tiny', '--topology=v5e:2x2', '--config.model.attention_impl=splash',

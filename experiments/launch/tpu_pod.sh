@@ -13,7 +13,9 @@
 #   experiments/launch/tpu_pod.sh delete     # tear the slice down (the bucket keeps the run)
 #
 # Before booking, check that the config fits the slice (a CPU suffices; pip install -e '.[tpu]'):
-#   python experiments/benchmark.py --config=$CONFIG --analyze_only --topology=v5p:4x4x4
+#   python experiments/benchmark.py --config=$CONFIG --analyze_only --topology=v5p:4x4x4 \
+#     --config.model.attention_impl=splash
+# Attention runs as the Pallas splash kernel (ATTENTION=xla for XLA's; README, "On a TPU").
 # A run resumes from its latest checkpoint: after a preemption or `stop`, `run` again.
 set -euo pipefail
 
@@ -24,6 +26,7 @@ CONFIG="${CONFIG:-configs/video_dit.py:2B}"
 RUN="${RUN:-$(basename "${CONFIG%%:*}" .py)_${CONFIG##*:}}"
 WORKDIR="/mnt/$BUCKET/runs/$RUN"
 REPO_DIR='~/sora_jax'
+ATTENTION="${ATTENTION:-splash}"        # the Pallas TPU flash kernel: memory linear in the tokens
 EXTRA_FLAGS="${EXTRA_FLAGS:-}"          # e.g. "--config.total_steps=100000"
 
 tpu() { gcloud compute tpus tpu-vm "$@" --zone="$ZONE" --project="$PROJECT"; }
@@ -44,7 +47,7 @@ case "${1:-}" in
     ;;
   run)
     on_all "cd $REPO_DIR && nohup python3 -m sora_jax.main --distributed --config=$CONFIG \
-      --workdir=$WORKDIR $EXTRA_FLAGS > ~/train.log 2>&1 &"
+      --workdir=$WORKDIR --config.model.attention_impl=$ATTENTION $EXTRA_FLAGS > ~/train.log 2>&1 &"
     echo "started on all workers; workdir $WORKDIR; logs: $0 watch"
     ;;
   watch)
