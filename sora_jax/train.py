@@ -108,11 +108,12 @@ def validate_config(config, num_devices: int, platform: str | None = None) -> di
     raise UsageError(f'config.text_encoder.kind={config.text_encoder.kind!r} with a class-conditional model: '
                      f'use config.text_encoder.kind="byte" (unused) or config.model.conditioning="text"')
   impl = m.get('attention_impl', 'xla') or 'xla'
+  platform = platform or jax.default_backend()
   if impl not in layers.ATTENTION_IMPLEMENTATIONS:
     raise UsageError(f'config.model.attention_impl={impl!r}: use one of {layers.ATTENTION_IMPLEMENTATIONS}')
   if impl == 'cudnn':
     head_width = m.width // m.num_heads
-    needs = [f'an NVIDIA GPU (this run has {jax.default_backend()} devices)'] if jax.default_backend() != 'gpu' else []
+    needs = [f'an NVIDIA GPU (this run has {platform} devices)'] if platform != 'gpu' else []
     needs += [f'config.model.dtype="bfloat16" (not {m.dtype!r})'] if m.dtype != 'bfloat16' else []
     capability = getattr(jax.devices()[0], 'compute_capability', '9.0')  # Hopper+: heads up to 256 wide
     widest = 256 if float(capability) >= 9.0 else 128
@@ -120,9 +121,9 @@ def validate_config(config, num_devices: int, platform: str | None = None) -> di
               if head_width % 8 or head_width > widest else [])
     if needs:
       raise UsageError('config.model.attention_impl="cudnn" (flash attention) needs ' + ' and '.join(needs))
-  if impl == 'splash' and (platform or jax.default_backend()) != 'tpu':
+  if impl == 'splash' and platform != 'tpu':
     raise UsageError(f'config.model.attention_impl="splash" (the Pallas TPU flash kernel) needs TPU devices '
-                     f'(this run has {platform or jax.default_backend()} devices): use "xla" here')
+                     f'(this run has {platform} devices): use "xla" here')
   if m.get('sequence_parallel', 'all_to_all') not in layers.SEQUENCE_PARALLEL:
     raise UsageError(f'config.model.sequence_parallel={m.sequence_parallel!r}: use one of {layers.SEQUENCE_PARALLEL}')
   validate_frame_conditioning(config)
