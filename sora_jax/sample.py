@@ -270,8 +270,8 @@ def load(workdir: str, step: int | None = None, params: str = 'ema') -> Model:
   if params not in PARAMS:
     raise UsageError(f'params={params!r}: use one of {", ".join(PARAMS)}')
   config = read_config(workdir)
-  if {'cudnn': 'gpu', 'splash': 'tpu'}.get(config.model.get('attention_impl'), jax.default_backend()) != \
-      jax.default_backend():
+  kernel_platform = {'cudnn': 'gpu', 'splash': 'tpu'}.get(config.model.get('attention_impl'))
+  if kernel_platform not in (None, jax.default_backend()):
     config.model.attention_impl = 'xla'  # the same attention, without the GPU or TPU kernel
   mngr = checkpoint.manager(workdir, read_only=True)
   step = mngr.latest_step() if step is None else step
