@@ -171,3 +171,28 @@ def test_a_dataset_larger_than_tfds_memory_buffer_builds_without_tensorflow(tmp_
   for x, y in zip(a, b):  # the same records in the same (key-hashed) order
     assert x['caption'] == y['caption']
     np.testing.assert_array_equal(x['video'], y['video'])
+
+
+def test_a_dataset_another_run_built_meanwhile_is_read_not_an_error(tmp_path, monkeypatch):
+  # Two runs started together both build it; TFDS renames each build into place at its end, and the
+  # later rename fails because the earlier one is there.
+  from sora_jax import data  # pylint: disable=g-import-not-at-top
+  config = shapes.make_config(num_train=12, num_validation=4, object_size=6, height=16, width=16, frames=2)
+  build = shapes.Shapes.download_and_prepare
+  def race(self, **kwargs):
+    build(shapes.Shapes(config=config, data_dir=str(tmp_path)), **kwargs)  # the other run, first
+    raise OSError(f'Cannot rename {self.data_dir}.incomplete: destination already exists')
+  monkeypatch.setattr(shapes.Shapes, 'download_and_prepare', race)
+  builder = data.prepare(lambda: shapes.Shapes(config=config, data_dir=str(tmp_path)))
+  assert len(builder.as_data_source('train')) == 12
+
+
+def test_a_failed_build_with_nothing_built_still_fails(tmp_path, monkeypatch):
+  from sora_jax import data  # pylint: disable=g-import-not-at-top
+  def fail(self, **kwargs):
+    raise OSError('disk full')
+  monkeypatch.setattr(shapes.Shapes, 'download_and_prepare', fail)
+  with pytest.raises(OSError, match='disk full'):
+    data.prepare(lambda: shapes.Shapes(config=shapes.make_config(num_train=12, num_validation=4, object_size=6,
+                                                                 height=16, width=16, frames=2),
+                                       data_dir=str(tmp_path)))

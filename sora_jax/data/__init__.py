@@ -5,6 +5,8 @@ import importlib.util
 import os
 import types
 
+from absl import logging
+
 
 class _NeverRaised(Exception):
   """Stands in for tf.errors.ResourceExhaustedError, which plain file writes never raise."""
@@ -31,7 +33,20 @@ def _tfds_spill_without_tensorflow():
     shuffle.tf = saved
 
 
-def prepare(builder) -> None:
-  """`builder.download_and_prepare` as array_record, of any size with or without TensorFlow."""
-  with _tfds_spill_without_tensorflow():
-    builder.download_and_prepare(file_format='array_record')
+def prepare(make_builder):
+  """Builds the dataset of `make_builder()` (a TFDS builder) as array_record, of any size with or
+  without TensorFlow, and returns a builder that reads it.
+
+  Two runs that start together on one machine both build the same dataset, each in a directory of
+  its own that is renamed into place at the end; the later rename fails. The dataset is then there,
+  whole (the rename is atomic): that process reads it instead of failing."""
+  builder = make_builder()
+  try:
+    with _tfds_spill_without_tensorflow():
+      builder.download_and_prepare(file_format='array_record')
+  except Exception:  # noqa: BLE001 -- TFDS raises its file system's error
+    if not make_builder().is_prepared():
+      raise
+    logging.info('%s: built by another process meanwhile; reading it', builder.data_dir)
+    return make_builder()
+  return builder

@@ -369,11 +369,11 @@ def build(folder: str, data_dir: str | None, *, frames: int, height: int, width:
     raise UsageError(f'{folder}: no such folder of video clips')
   if not find_clips(folder):
     raise UsageError(f'{folder}: no video files ({" ".join(VIDEO_SUFFIXES)}) in this folder')
-  builder = VideoFolder(config=make_config(folder, frames=frames, height=height, width=width, fps=fps,
-                                           validation_fraction=validation_fraction, sizes=sizes),
-                        data_dir=data_dir)
+  config = make_config(folder, frames=frames, height=height, width=width, fps=fps,
+                       validation_fraction=validation_fraction, sizes=sizes)
+  builder = VideoFolder(config=config, data_dir=data_dir)
   if not builder.is_prepared():
-    data.prepare(builder)
+    builder = data.prepare(lambda: VideoFolder(config=config, data_dir=data_dir))
     stats = builder.info.metadata
     skipped = stats['skipped_unreadable'] + stats['skipped_too_short']
     logging.log(logging.WARNING if skipped else logging.INFO, '%s: %s', folder, summary(builder))

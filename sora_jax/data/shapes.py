@@ -201,6 +201,4 @@ def build(data_dir: str | None = None, **kwargs) -> Shapes:
   """Builds (once) and returns the shapes builder for these parameters."""
   config = make_config(**kwargs)
   known = {c.name for c in Shapes.BUILDER_CONFIGS}  # TFDS refuses a custom config named like these
-  builder = Shapes(config=config.name if config.name in known else config, data_dir=data_dir)
-  data.prepare(builder)
-  return builder
+  return data.prepare(lambda: Shapes(config=config.name if config.name in known else config, data_dir=data_dir))
