@@ -164,10 +164,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # sample each and skips the rest of the row (layers.PackedLayout); 0: whole rows, masked.
   # curriculum_steps > 0: the first steps pack only clips of curriculum_sizes (some of config.data.sizes),
   # then every size; curriculum_frame_conditioning: the share of clips given frames in those steps
-  # (None: config.frame_conditioning.probability throughout).
+  # (None: config.frame_conditioning.probability throughout); curriculum_row_length: the length of
+  # those steps' rows (None: row_length), e.g. a multiple of their clips' length that pads nothing.
   config.packing = dict(row_length=0, max_segments=16, loss_weighting='sample', block=32,
                         curriculum_steps=0, curriculum_sizes='',
-                        curriculum_frame_conditioning=ml_collections.config_dict.placeholder(float))
+                        curriculum_frame_conditioning=ml_collections.config_dict.placeholder(float),
+                        curriculum_row_length=ml_collections.config_dict.placeholder(int))
   # Buckets, the alternative to packing for config.data.sizes (sora_jax/data/buckets.py): each batch holds
   # clips of one size, as many as fit in tokens_per_step patch tokens (batch_size is then unused); the step
   # compiles once per size. 0: off.

@@ -299,6 +299,12 @@ def validate_sizes(config, autoencoder) -> None:
     if not first or set(shapes_data.parse_sizes(first)) - allowed:
       raise UsageError(f'config.packing.curriculum_sizes={first!r}: give some of config.data.sizes={sizes!r} '
                        f'(the sizes of the first config.packing.curriculum_steps={steps} steps)')
+    length, block = config.packing.get('curriculum_row_length'), config.packing.get('block', 0)
+    longest = max(packing.tokens_of(size, config.model.patch) for size in shapes_data.parse_sizes(first))
+    if length is not None and not (isinstance(length, int) and length >= longest and (not block or length % block == 0)):
+      raise UsageError(f'config.packing.curriculum_row_length={length!r}: must hold the largest curriculum clip '
+                       f'({longest} tokens)' + (f' and be a multiple of config.packing.block={block}' if block else '')
+                       + ' (None: config.packing.row_length)')
     fc = config.packing.get('curriculum_frame_conditioning')
     if fc is not None and not (isinstance(fc, (int, float)) and 0 <= fc <= 1):
       raise UsageError(f'config.packing.curriculum_frame_conditioning={fc!r}: must be in [0, 1] (or None: '
@@ -640,6 +646,7 @@ def curriculum_config(config):
   `curriculum_frame_conditioning` (if set) as the share of clips given frames."""
   first = copy.deepcopy(config)
   first.data.sizes = config.packing.curriculum_sizes
+  first.packing.row_length = config.packing.get('curriculum_row_length') or config.packing.row_length
   if config.packing.get('curriculum_frame_conditioning') is not None and 'frame_conditioning' in config:
     first.frame_conditioning.probability = float(config.packing.curriculum_frame_conditioning)
   return first
@@ -651,8 +658,8 @@ def packed_stream(config, source):
   p = config.packing
   sizes = pipeline.clip_sizes(source)
   counts = [packing.tokens_of(size, config.model.patch) for size in sizes]
-  rows = lambda examples=None: packing.PackedRows(  # noqa: E731
-      source, counts, patch=config.model.patch, length=p.row_length, max_segments=p.max_segments,
+  rows = lambda examples=None, length=p.row_length: packing.PackedRows(  # noqa: E731
+      source, counts, patch=config.model.patch, length=length, max_segments=p.max_segments,
       seed=config.data.seed, align=p.get('block', 0) or 1, examples=examples)
   stream = rows()
   logging.info('packing: %d rows of %d tokens per epoch, %.3f of their tokens used (not padding)',
@@ -663,9 +670,9 @@ def packed_stream(config, source):
   examples = [i for i, size in enumerate(sizes) if size in first_sizes]
   if not examples:
     raise UsageError(f'config.packing.curriculum_sizes={p.curriculum_sizes!r}: no training clip has these sizes')
-  first = rows(examples)
-  logging.info('curriculum: steps 0..%d pack the %d clips of %s only (%.3f of their row tokens used)',
-               p.curriculum_steps, len(examples), p.curriculum_sizes, first.epoch_efficiency(0))
+  first = rows(examples, curriculum_config(config).packing.row_length)
+  logging.info('curriculum: steps 0..%d pack the %d clips of %s only, in rows of %d tokens (%.3f of them used)',
+               p.curriculum_steps, len(examples), p.curriculum_sizes, first.length, first.epoch_efficiency(0))
   return packing.Curriculum(first, p.curriculum_steps * config.batch_size, stream)
 
 

@@ -289,6 +289,14 @@ def test_a_curriculum_must_name_some_of_the_data_sizes():
   config.packing.curriculum_sizes = ''
   with pytest.raises(UsageError, match='config.packing.curriculum_sizes'):
     train.validate_config(config, 1)
+  config.packing.curriculum_sizes = '2x16x16'  # 4 tokens a clip, rows of 16: 4 clips
+  assert train.curriculum_config(config).packing.row_length == 16 and config.packing.row_length == 32
+  for bad in (2, 6):  # under one clip; not a multiple of config.packing.block = 4
+    config.packing.curriculum_row_length = bad
+    with pytest.raises(UsageError, match=f'config.packing.curriculum_row_length={bad}: must hold the largest'):
+      train.validate_config(config, 1)
+  config.packing.curriculum_row_length = None  # the rows of every step
+  assert train.curriculum_config(config).packing.row_length == 32
 
 
 def test_the_curriculum_steps_give_frames_at_their_own_probability():
