@@ -1,6 +1,7 @@
 r"""Packed against fixed-size training throughput: the real train steps, timed alternately in one process.
 
   python experiments/packed_throughput.py [--steps=40] [--fixed_sizes=16x32x32,16x32x56]
+  python experiments/packed_throughput.py --curriculum   # the curriculum's steps: 192- against 224-token rows
 
 Builds the train step of `configs/shapes_native.py` (packed rows of 224 tokens, 9 a step, every size;
 no frame conditioning, no curriculum) and of `configs/shapes.py` at about the same tokens per step for
@@ -13,6 +14,7 @@ packed / fixed by either, per fixed size. Step times on a shared 2-core VM wande
 run: compare ratios, and several runs.
 """
 
+import copy
 import importlib.util
 import json
 import math
@@ -25,11 +27,14 @@ from absl import app, flags
 from flax import linen as nn
 
 from sora_jax import optim, sharding, text as text_lib, train
-from sora_jax.data import pipeline
+from sora_jax.data import pipeline, shapes as shapes_data
 from sora_jax.models import autoencoder as autoencoder_lib
 
 flags.DEFINE_integer('steps', 40, 'Timed steps of each mode (after 3 warm-up steps each).')
 flags.DEFINE_list('fixed_sizes', ['16x32x32', '16x32x56'], 'Fixed clip sizes (FxHxW) to compare packing with.')
+flags.DEFINE_bool('curriculum', False, "Time the native config's curriculum steps instead: its clips in rows of "
+                  'packing.curriculum_row_length ("packed"), in rows of packing.row_length, and as fixed-size '
+                  'batches of as many clips.')
 FLAGS = flags.FLAGS
 TOKENS_PER_STEP = 2048
 
@@ -43,7 +48,31 @@ def load_config(name: str):
   return module.get_config(None)
 
 
+def curriculum_configs():
+  """The curriculum's train steps: its rows, rows of the config's row_length, a fixed-size batch."""
+  native = load_config('shapes_native')
+  modes = {}
+  for name, length in (('packed', native.packing.curriculum_row_length),
+                       (f'rows_of_{native.packing.row_length}', native.packing.row_length)):
+    config = copy.deepcopy(native)
+    config.packing.curriculum_row_length = length
+    config = train.curriculum_config(config)  # its clip sizes, rows and frame conditioning
+    config.packing.curriculum_steps = 0
+    config.data.num_train = 2048  # a dataset of the curriculum's clips only: enough to time
+    modes[name] = config
+  (size,) = shapes_data.parse_sizes(native.packing.curriculum_sizes)
+  fixed = load_config('shapes')
+  fixed.data.frames, fixed.data.height, fixed.data.width = size
+  fixed.batch_size = native.batch_size * native.packing.max_segments  # as many clips as the rows hold
+  fixed.frame_conditioning.probability = modes['packed'].frame_conditioning.probability
+  fixed.eval.every_steps = 0
+  modes['fixed_' + native.packing.curriculum_sizes] = fixed
+  return modes
+
+
 def configs():
+  if FLAGS.curriculum:
+    return curriculum_configs()
   packed = load_config('shapes_native')
   packed.frame_conditioning.probability = 0.0
   packed.packing.curriculum_steps = 0
@@ -119,11 +148,11 @@ def main(argv):
                     'real_tokens_per_step': round(real, 1), 'real_tokens_per_s': round(real / step_s, 1)}
   ratio = lambda fixed, key: result['packed']['real_tokens_per_step'] / result[fixed]['real_tokens_per_step'] * (
       result[fixed][key] / result['packed'][key])
-  fixed_modes = [name for name in modes if name != 'packed']
-  # real tokens/s of packed over fixed, by median step times and by the fastest step of each
-  result['packed_over_fixed'] = {name[len('fixed_'):]: round(ratio(name, 'step_time_s'), 3) for name in fixed_modes}
-  result['packed_over_fixed_by_min'] = {name[len('fixed_'):]: round(ratio(name, 'min_step_time_s'), 3)
-                                        for name in fixed_modes}
+  others = [name for name in modes if name != 'packed']
+  label = lambda name: name[len('fixed_'):] if name.startswith('fixed_') else name  # noqa: E731
+  # real tokens/s of packed over the others, by median step times and by the fastest step of each
+  result['packed_over_fixed'] = {label(name): round(ratio(name, 'step_time_s'), 3) for name in others}
+  result['packed_over_fixed_by_min'] = {label(name): round(ratio(name, 'min_step_time_s'), 3) for name in others}
   result['steps'] = FLAGS.steps
   print(json.dumps(result))
 
