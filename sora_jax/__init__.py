@@ -15,3 +15,11 @@ def ensure_writable_dir(directory: str, flag: str) -> None:
       pass
   except OSError as e:
     raise UsageError(f'{flag}: cannot write to {directory}: {e.strerror or e}') from None
+
+
+def quiet_library_logs() -> None:
+  """Keeps absl INFO lines from sora_jax only (Orbax logs every file it reads or writes); warnings pass."""
+  import logging
+  from absl import logging as absl_logging
+  absl_logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= logging.WARNING or '/sora_jax/' in r.pathname)

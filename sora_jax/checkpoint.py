@@ -22,7 +22,8 @@ def manager(workdir: str, *, max_to_keep: int = 3, read_only: bool = False) -> o
     # first save of the tiny config on 8 devices). Process-wide: orbax reads its global registry.
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+  options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep,
+                                         save_interval_steps=0 if read_only else 1,  # orbax's read-only values
                                          create=not read_only, read_only=read_only,
                                          cleanup_tmp_directories=not read_only,  # what a crash left
                                          enable_async_checkpointing=not read_only)

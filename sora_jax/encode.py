@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
 import sora_jax.text as text_lib
-from sora_jax import UsageError, ensure_writable_dir, main, sharding
+from sora_jax import UsageError, ensure_writable_dir, main, quiet_library_logs, sharding
 from sora_jax.data import pipeline
 from sora_jax.models import autoencoder as autoencoder_lib
 
@@ -220,6 +220,7 @@ def encode(config, workdir: str) -> str:
 
 def run(argv):
   del argv
+  quiet_library_logs()
   main.initialize_distributed()
   try:
     encoded_dir = encode(FLAGS.config, FLAGS.workdir)

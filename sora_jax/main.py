@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sora_jax import UsageError, train, train_vae
+from sora_jax import UsageError, quiet_library_logs, train, train_vae
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py[:variant]).',
@@ -86,13 +86,6 @@ def load_config():
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     path = next((arg.split('=', 1)[1] for arg in sys.argv if arg.startswith('--config=')), '')
     sys.exit(f'error: --config={path}: {lines[-1] if lines else type(cause).__name__}')
-
-
-def quiet_library_logs():
-  """Keeps INFO lines from sora_jax only (Orbax logs every file it writes); warnings pass."""
-  import logging as std_logging
-  handler = logging.get_absl_handler()
-  handler.addFilter(lambda r: r.levelno >= std_logging.WARNING or '/sora_jax/' in r.pathname)
 
 
 def main(argv):

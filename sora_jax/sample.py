@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
-from sora_jax import UsageError, checkpoint, ensure_writable_dir, sharding, video
+from sora_jax import UsageError, checkpoint, ensure_writable_dir, quiet_library_logs, sharding, video
 from sora_jax.data import packing
 from sora_jax.diffusion import frame_conditioning as fc
 from sora_jax.diffusion import rectified_flow as rf
@@ -403,6 +403,7 @@ def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np
 
 def main(argv):
   del argv
+  quiet_library_logs()
   try:
     if not FLAGS.workdir or not FLAGS.prompt:
       raise UsageError('--workdir and --prompt are required')
@@ -431,7 +432,6 @@ def main(argv):
         raise UsageError(f'cannot write {path}: {e.strerror or e}') from None
       print(f'{path}: "{prompt}" (step {model.step})')
   except UsageError as e:
-    logging.error('%s', e)
     sys.exit(f'error: {e}')
 
 
