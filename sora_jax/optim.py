@@ -25,7 +25,13 @@ def make_optimizer(opt_config, total_steps: int) -> optax.GradientTransformation
   )
 
 
+def ema_decay_at(decay: float, step):
+  """The EMA's decay at step n: `decay`, warmed up as (1 + n) / (10 + n), which reaches it only at
+  n = (10 * decay - 1) / (1 - decay) (0.998: step 4490); shorter runs never use `decay` itself."""
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def ema_update(ema, params, decay: float, step):
-  """ema <- decay * ema + (1 - decay) * params, with the decay warmed up as (1 + n) / (10 + n)."""
-  decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  """ema <- d * ema + (1 - d) * params, d = ema_decay_at(decay, step)."""
+  decay = ema_decay_at(decay, step)
   return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)

@@ -200,3 +200,11 @@ def test_bfloat16_compute_keeps_float32_parameters_and_a_close_loss(tiny_config)
   np.testing.assert_allclose(losses16, losses32, rtol=2e-2)
   assert {x.dtype for x in jax.tree.leaves(state['params'])} == {jnp.dtype(jnp.float32)}
   assert {x.dtype for x in jax.tree.leaves(state['opt_state'])} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
+
+
+def test_the_ema_decay_warms_up_and_reaches_the_configured_decay_only_at_its_step():
+  assert float(optim.ema_decay_at(0.998, 0)) == pytest.approx(0.1)
+  assert float(optim.ema_decay_at(0.998, 2199)) < 0.998  # the default's 2200 steps never reach it
+  assert float(optim.ema_decay_at(0.998, 4489)) < 0.998 <= float(optim.ema_decay_at(0.998, 4491))
+  ema = optim.ema_update({'w': jnp.zeros(2)}, {'w': jnp.ones(2)}, 0.998, 2199)
+  np.testing.assert_allclose(ema['w'], 1 - 2200 / 2209, rtol=1e-4)
