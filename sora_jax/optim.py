@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 
 def learning_rate_schedule(opt_config, total_steps: int) -> optax.Schedule:
@@ -29,6 +30,14 @@ def ema_decay_at(decay: float, step):
   """The EMA's decay at step n: `decay`, warmed up as (1 + n) / (10 + n), which reaches it only at
   n = (10 * decay - 1) / (1 - decay) (0.998: step 4490); shorter runs never use `decay` itself."""
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def log_ema_warmup(decay: float, total_steps: int) -> None:
+  """Says so when a run ends before its EMA reaches `decay`: an override of it would change nothing."""
+  last = float(ema_decay_at(decay, total_steps - 1))
+  if last < decay:
+    logging.info('EMA: the decay warms up as (1 + step) / (10 + step) and reaches ema_decay=%s only after this '
+                 'run (%.4f at its last step)', decay, last)
 
 
 def ema_update(ema, params, decay: float, step):

@@ -778,10 +778,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
     check_every = min(config.log_every_steps, config.max_consecutive_nonfinite)
     logging.info('training steps %d..%d, global batch %s', start_step, config.total_steps,
                  'by bucket' if buckets_on(config) else config.batch_size)
-    last_decay = float(optim.ema_decay_at(config.ema_decay, config.total_steps - 1))
-    if last_decay < config.ema_decay:  # an override of ema_decay would otherwise change nothing, silently
-      logging.info('EMA: the decay warms up as (1 + step) / (10 + step) and reaches config.ema_decay=%s only '
-                   'after this run (%.4f at its last step)', config.ema_decay, last_decay)
+    optim.log_ema_warmup(config.ema_decay, config.total_steps)
     done = start_step
     try:
       for step in range(start_step, config.total_steps):

@@ -248,6 +248,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
                      disc_opt_state=jax.tree.map(lambda _: sharding.replicated(mesh),
                                                  jax.eval_shape(disc_tx.init, disc_shape)))
   logging.info('VAE: %.2fM parameters', sum(math.prod(x.shape) for x in jax.tree.leaves(params_shape)) / 1e6)
+  optim.log_ema_warmup(config.ema_decay, config.total_steps)
 
   def init():
     params = nnx.state(vae.VideoVAE(cfg, rngs=nnx.Rngs(config.seed))).to_pure_dict()
