@@ -1,4 +1,4 @@
-r"""Self-attention of packed rows against fixed-size clips: one layer, forward and forward + backward.
+r"""Attention of packed rows against fixed-size clips: one layer, forward and forward + backward.
 
   python experiments/packed_attention_benchmark.py [--heads=6 --head_dim=32 --reps=20]
   python experiments/packed_attention_benchmark.py --implementation=cudnn --dtype=bfloat16   # on a GPU
@@ -15,6 +15,10 @@ reference, `jax.nn.dot_product_attention`'s own backward pass. Prints one JSON l
 --implementation=cudnn the dense rows and the fixed clips go through cuDNN's fused attention, and
 each line also gives the largest difference from the XLA path on the real tokens (output, gradients). It times
 attention only: the rest of a packed step costs what a fixed-size step of as many tokens costs.
+
+Then cross-attention to captions of 32 tokens (20 real): packed rows with one caption slot per clip
+(`layers.slotted_cross_attention`; rows of 224 with 3 slots as the native config, rows of 1024 with
+16), against 16 clips of 128 tokens with one caption each (`layers.attend`, XLA).
 """
 
 import json
@@ -38,10 +42,10 @@ TOKENS, BLOCK, WINDOW = 2048, 16, 224
 CLIP_TOKENS = (16, 64, 112, 112, 128, 224, 224)  # 1x32x32 (still), 8x32x32, 8x32x56, ..., 16x56x32
 
 
-def packed_rows(rng, length: int) -> np.ndarray:
+def packed_rows(rng, length: int, max_segments: int = 64) -> np.ndarray:
   """int32 [rows, length] segment ids: the first rows of a first-fit plan over random clips."""
   counts = np.asarray(CLIP_TOKENS)[rng.integers(len(CLIP_TOKENS), size=4096)]
-  plan = packing.plan_rows(counts, length, max_segments=64, align=BLOCK)[:TOKENS // length]
+  plan = packing.plan_rows(counts, length, max_segments=max_segments, align=BLOCK)[:TOKENS // length]
   out = np.zeros((len(plan), length), np.int32)
   for row, clips in zip(out, plan):
     start = 0
@@ -105,6 +109,21 @@ def main(argv):
   report(f'fixed: 16 clips of 128 (layers.attend, {impl})', lambda q, k, v: layers.attend(q, k, v, implementation=impl),
          *clips, reference=layers.attend if impl != 'xla' else None, real_tokens=TOKENS)
   report('fixed: 16 clips of 128 (jax.nn.dot_product_attention, xla)', jax.nn.dot_product_attention, *clips)
+
+  caption, real = 32, 20  # caption tokens a slot, real ones first
+  for length, slots in ((WINDOW, 3), (1024, 16)):
+    segment_bs = packed_rows(rng, length, max_segments=slots)
+    rows = len(segment_bs)
+    context_bl = np.where(np.arange(caption) < real, np.arange(1, slots + 1)[:, None], 0).reshape(1, -1).repeat(rows, 0)
+    layout = layers.PackedLayout(BLOCK, WINDOW, slots)
+    q, k, v = qkv(rows, length)[0], *qkv(rows, slots * caption)[:2]
+    report(f'cross-attention, packed: {rows} rows of {length}, {slots} caption slots (slotted_cross_attention)',
+           lambda q, k, v, s, c, layout=layout: layers.slotted_cross_attention(q, k, v, s, c, layout),
+           q, k, v, jnp.asarray(segment_bs), jnp.asarray(context_bl),
+           reference=lambda q, k, v, s, c: layers.segment_attention(q, k, v, s, c))
+  q, k, v = clips[0], *qkv(TOKENS // 128, caption)[:2]
+  report('cross-attention, fixed: 16 clips of 128, a caption each (layers.attend, xla)',
+         lambda q, k, v: layers.attend(q, k, v, jnp.arange(caption)[None] < real), q, k, v)
 
 
 if __name__ == '__main__':

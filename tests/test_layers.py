@@ -185,6 +185,10 @@ def test_block_aligned_rows_attend_within_a_window_and_their_own_caption_as_the_
   # No [s, s] (or [s, l]) scores: [s / block, block, window] at most.
   jaxpr = str(jax.make_jaxpr(lambda q, k, v: layers.windowed_segment_attention(q, k, v, segments, layout))(q, k, v))
   assert 'f32[2,2,24,24]' not in jaxpr and 'f32[12,2,4,8]' in jaxpr
+  # Each block scores its own caption only: [s / block, block, l / slots], not the row against each slot.
+  jaxpr = str(jax.make_jaxpr(lambda q, k, v: layers.slotted_cross_attention(q, k, v, segments, text_segment, layout))(
+      q, text_k, text_v))
+  assert 'f32[2,2,24,5]' not in jaxpr and 'f32[12,2,4,5]' in jaxpr
 
 
 @pytest.mark.parametrize('sequence_parallel', ['all_to_all', 'gather_kv'])

@@ -322,25 +322,26 @@ def windowed_segment_attention(q_bsnk, k_bsnk, v_bsnk, segment_bs, layout: Packe
 
 
 def slotted_cross_attention(q_bsnk, k_blnk, v_blnk, segment_bs, context_segment_bl, layout: PackedLayout):
-  """Cross-attention of packed rows to their samples' captions, one caption slot at a time: every
-  query of the row attends to slot j's l / slots keys (a plain, unmasked-by-segment attention), and
-  each query keeps the output of its own sample's slot. context_segment_bl [b, l]: slot j's tokens are
-  j + 1 where real, 0 where padding. Equal to `segment_attention(q, k, v, segment_bs, context_segment_bl)`
-  on real queries (padding queries get 0). `slots` times the scores of one caption, but no gathers of
-  each query block's caption (nor their scatter-adds in the backward pass): packed / fixed throughput
-  of the native config 0.918 / 0.898 against 0.897-0.905 with gathers (experiments/packed_throughput.py).
-  Needs no block alignment; `layout` gives the slot count.
+  """Cross-attention of packed rows to their samples' captions. Rows are block-aligned (`layout`:
+  a block of `layout.block` queries holds one sample's tokens, and padding), so each block takes
+  its own sample's caption slot, chosen by a one-hot matmul (no gathers, nor their scatter-adds in
+  the backward pass), and attends to its l / slots keys: [s / block, block, l / slots] scores, one
+  caption's worth, not one per slot. context_segment_bl [b, l]: slot j's tokens are j + 1 where
+  real, 0 where padding. Equal to `segment_attention(q, k, v, segment_bs, context_segment_bl)` on
+  real queries; padding queries get 0.
   """
-  slots = layout.slots
-  b, l = context_segment_bl.shape
-  per_slot = l // slots
-  split = lambda x: x.reshape(b, slots, per_slot, *x.shape[2:])  # noqa: E731
-  k_bjlnk, v_bjlnk, real_bjl = split(k_blnk), split(v_blnk), split(context_segment_bl) > 0
-  out_bsnk = jnp.zeros(q_bsnk.shape, v_blnk.dtype)
-  for j in range(slots):
-    out_j = xla_attention(q_bsnk, k_bjlnk[:, j], v_bjlnk[:, j], real_bjl[:, j][:, None, None, :])
-    out_bsnk = jnp.where((segment_bs == j + 1)[:, :, None, None], out_j, out_bsnk)
-  return out_bsnk
+  slots, block = layout.slots, layout.block
+  b, s, n, d = q_bsnk.shape
+  l = context_segment_bl.shape[1]
+  per_slot, blocks = l // slots, s // block
+  # A block's sample is its first token's (samples start at block multiples); padding blocks: no slot.
+  onehot_bgj = jax.nn.one_hot(segment_bs[:, ::block] - 1, slots, dtype=k_blnk.dtype)
+  pick = lambda x: jnp.einsum('bgj,bj...->bg...', onehot_bgj, x.reshape(b, slots, per_slot, *x.shape[2:]))  # noqa: E731
+  k_bglnk, v_bglnk = pick(k_blnk), pick(v_blnk)
+  real_bgl = pick((context_segment_bl > 0).astype(k_blnk.dtype)) > 0.5
+  out = xla_attention(q_bsnk.reshape(b * blocks, block, n, d), k_bglnk.reshape(b * blocks, per_slot, n, d),
+                      v_bglnk.reshape(b * blocks, per_slot, n, d), real_bgl.reshape(b * blocks, 1, 1, per_slot))
+  return jnp.where((segment_bs > 0)[:, :, None, None], out.reshape(b, s, n, d), 0)
 
 
 def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
