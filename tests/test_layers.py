@@ -216,3 +216,29 @@ def test_sequence_parallel_segment_attention_equals_unsharded(sequence_parallel)
   np.testing.assert_allclose(np.asarray(out)[real], np.asarray(plain(q, k, v))[real], atol=1e-6)
   for g, g_ref in zip(grads, jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(g, g_ref, atol=2e-5)
+
+
+def test_packed_cross_attention_with_queries_sharded_over_sequence_equals_unsharded():
+  from configs.shapes import SHARDING_RULES
+  rules = sharding.rules_tuple(SHARDING_RULES)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1, sequence=4))
+  rng = np.random.default_rng(4)
+  # Rows of 24 queries in blocks of 2 (a clip crosses shard edges: 6 queries a device), 3 caption slots of 5.
+  segments = jnp.array([[1] * 6 + [2] * 7 + [0] * 11, [1] * 3 + [0] + [2] * 2 + [3] * 10 + [0] * 8])
+  layout = layers.PackedLayout(block=2, window=10, slots=3)
+  q = jnp.asarray(rng.normal(size=(2, 24, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 15, 4, 8)), jnp.float32) for _ in range(2))
+  text_segment = jnp.asarray(np.where(np.arange(5) < np.array([[5], [2], [4]]), np.arange(1, 4)[:, None], 0)
+                             .reshape(1, 15).repeat(2, 0))
+  cross = lambda q, k, v: layers.slotted_cross_attention(q, k, v, segments, text_segment, layout)  # noqa: E731
+  plain = lambda q, k, v: layers.segment_attention(q, k, v, segments, text_segment)  # noqa: E731
+  loss = lambda attend: lambda q, k, v: jnp.sum(jnp.where((segments > 0)[..., None, None], attend(q, k, v), 0) ** 2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    q = jax.device_put(q, NamedSharding(mesh, P(('data', 'fsdp'), 'sequence', 'tensor')))
+    k, v = (jax.device_put(x, NamedSharding(mesh, P(('data', 'fsdp'), None, 'tensor'))) for x in (k, v))
+    out = jax.jit(cross)(q, k, v)
+    grads = jax.jit(jax.grad(loss(cross), argnums=(0, 1, 2)))(q, k, v)
+  real = np.asarray(segments > 0)
+  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(plain(q, k, v))[real], atol=1e-6)
+  for g, g_ref in zip(grads, jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, g_ref, atol=2e-5)
