@@ -193,9 +193,6 @@ def test_block_aligned_rows_attend_within_a_window_and_their_own_caption_as_the_
 
 @pytest.mark.parametrize('sequence_parallel', ['all_to_all', 'gather_kv'])
 def test_sequence_parallel_segment_attention_equals_unsharded(sequence_parallel):
-  from configs.shapes import SHARDING_RULES
-  rules = sharding.rules_tuple(SHARDING_RULES)
-  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1, sequence=4))
   rng = np.random.default_rng(2)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 24, 4, 8)), jnp.float32) for _ in range(3))
   # Crossing shard edges; rows longer than twice the window (10), so windowed where a device holds whole rows.
@@ -206,22 +203,10 @@ def test_sequence_parallel_segment_attention_equals_unsharded(sequence_parallel)
   layout = layers.PackedLayout(block=2, window=10)
   sp = lambda q, k, v: layers.self_attention(q, k, v, sequence_parallel=sequence_parallel, segment_bs=segments,
                                              layout=layout)
-  loss = lambda attend: lambda q, k, v: jnp.sum(jnp.where((segments > 0)[..., None, None], attend(q, k, v), 0) ** 2)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    spec = NamedSharding(mesh, P(('data', 'fsdp'), 'sequence', 'tensor'))
-    q, k, v = (jax.device_put(x, spec) for x in (q, k, v))
-    out = jax.jit(sp)(q, k, v)
-    grads = jax.jit(jax.grad(loss(sp), argnums=(0, 1, 2)))(q, k, v)
-  real = np.asarray(segments > 0)
-  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(plain(q, k, v))[real], atol=1e-6)
-  for g, g_ref in zip(grads, jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)):
-    np.testing.assert_allclose(g, g_ref, atol=2e-5)
+  assert_sequence_sharded_equals_unsharded(sp, plain, q, k, v, segments, kv_sequence_sharded=True)
 
 
 def test_packed_cross_attention_with_queries_sharded_over_sequence_equals_unsharded():
-  from configs.shapes import SHARDING_RULES
-  rules = sharding.rules_tuple(SHARDING_RULES)
-  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1, sequence=4))
   rng = np.random.default_rng(4)
   # Rows of 24 queries in blocks of 2 (a clip crosses shard edges: 6 queries a device), 3 caption slots of 5.
   segments = jnp.array([[1] * 6 + [2] * 7 + [0] * 11, [1] * 3 + [0] + [2] * 2 + [3] * 10 + [0] * 8])
@@ -232,12 +217,21 @@ def test_packed_cross_attention_with_queries_sharded_over_sequence_equals_unshar
                              .reshape(1, 15).repeat(2, 0))
   cross = lambda q, k, v: layers.slotted_cross_attention(q, k, v, segments, text_segment, layout)  # noqa: E731
   plain = lambda q, k, v: layers.segment_attention(q, k, v, segments, text_segment)  # noqa: E731
-  loss = lambda attend: lambda q, k, v: jnp.sum(jnp.where((segments > 0)[..., None, None], attend(q, k, v), 0) ** 2)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  assert_sequence_sharded_equals_unsharded(cross, plain, q, k, v, segments, kv_sequence_sharded=False)
+
+
+def assert_sequence_sharded_equals_unsharded(attend, plain, q, k, v, segments, *, kv_sequence_sharded: bool):
+  """On a data=2 x sequence=4 mesh with the queries sharded over 'sequence' (and the keys too, or
+  whole), `attend` gives `plain`'s outputs and gradients on real (segment > 0) queries."""
+  from configs.shapes import SHARDING_RULES
+  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1, sequence=4))
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.where((segments > 0)[..., None, None], f(q, k, v), 0) ** 2)  # noqa: E731
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_tuple(SHARDING_RULES)):
     q = jax.device_put(q, NamedSharding(mesh, P(('data', 'fsdp'), 'sequence', 'tensor')))
-    k, v = (jax.device_put(x, NamedSharding(mesh, P(('data', 'fsdp'), None, 'tensor'))) for x in (k, v))
-    out = jax.jit(cross)(q, k, v)
-    grads = jax.jit(jax.grad(loss(cross), argnums=(0, 1, 2)))(q, k, v)
+    kv_spec = NamedSharding(mesh, P(('data', 'fsdp'), 'sequence' if kv_sequence_sharded else None, 'tensor'))
+    k, v = (jax.device_put(x, kv_spec) for x in (k, v))
+    out = jax.jit(attend)(q, k, v)
+    grads = jax.jit(jax.grad(loss(attend), argnums=(0, 1, 2)))(q, k, v)
   real = np.asarray(segments > 0)
   np.testing.assert_allclose(np.asarray(out)[real], np.asarray(plain(q, k, v))[real], atol=1e-6)
   for g, g_ref in zip(grads, jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)):
