@@ -66,6 +66,17 @@ def test_text_conditioning_changes_the_output_once_trained_layers_are_nonzero():
   assert not np.allclose(a, b)
 
 
+def test_rope_theta_reaches_every_self_attention_and_changes_it():
+  model = small_dit(rope_theta=100.0)
+  assert [block.self_attn.rope_theta for block in model.blocks] == [100.0, 100.0]
+  x_bsd = jnp.asarray(np.random.default_rng(2).normal(size=(1, 32, 32)), jnp.float32)
+  pos = jnp.asarray(dit.grid_positions((2, 4, 4))[None])
+  attn = model.blocks[0].self_attn
+  a = attn(x_bsd, pos_bsa=pos)
+  attn.rope_theta = 10000.0
+  assert not np.allclose(a, attn(x_bsd, pos_bsa=pos), atol=1e-4)
+
+
 def test_tokenize_pads_truncates_and_starts_with_bos():
   tokens, mask = text.tokenize(['ab', '', 'é' * 20], 6)
   assert tokens[0].tolist() == [text.BOS_ID, ord('a') + 2, ord('b') + 2, 0, 0, 0]

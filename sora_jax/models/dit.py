@@ -109,10 +109,10 @@ class DiTBlock(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, text_dim: int | None, rngs: nnx.Rngs,
                dtype, attention_impl, sequence_parallel='all_to_all', qk_norm: bool = True,
-               qkv_bias: bool = False, rope: bool = True):
+               qkv_bias: bool = False, rope: bool = True, rope_theta: float = 10000.0):
     kw = dict(rngs=rngs, dtype=dtype, implementation=attention_impl)
     self.self_attn = layers.Attention(dim, num_heads, sequence_parallel=sequence_parallel,
-                                      qk_norm=qk_norm, qkv_bias=qkv_bias, **kw)
+                                      qk_norm=qk_norm, qkv_bias=qkv_bias, rope_theta=rope_theta, **kw)
     self.rope = rope
     self.cross_attention = text_dim is not None
     if self.cross_attention:
@@ -254,7 +254,8 @@ class DiT(nnx.Module):
     self.blocks = nnx.List([
         DiTBlock(width, num_heads, mlp_ratio, text_dim=width if conditioning == 'text' else None,
                  rngs=rngs, dtype=dtype, attention_impl=attention_impl,
-                 sequence_parallel=sequence_parallel, qk_norm=qk_norm, qkv_bias=qkv_bias, rope=rope)
+                 sequence_parallel=sequence_parallel, qk_norm=qk_norm, qkv_bias=qkv_bias, rope=rope,
+                 rope_theta=rope_theta)
         for _ in range(depth)])
     self.final = FinalLayer(width, patch_values * (2 if learn_sigma else 1), rngs=rngs, dtype=dtype)
 

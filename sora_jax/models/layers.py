@@ -414,12 +414,13 @@ class Attention(nnx.Module):
   sequence parallelism), 'act_text' (text tokens) or None (a few pooling queries).
   `sequence_parallel` chooses how self-attention over sharded spacetime tokens communicates (see
   `self_attention`); cross-attention needs nothing: the text is whole on every device.
+  `rope_theta`: RoPE's base (its slowest frequency per axis is about 1 / rope_theta radians a position).
   """
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, context_dim: int | None = None,
                qk_norm: bool = True, qkv_bias: bool = False, zero_out: bool = False, dtype=jnp.float32,
                implementation: str | None = None, query_axis: str | None = 'act_seq',
-               sequence_parallel: str = 'all_to_all'):
+               sequence_parallel: str = 'all_to_all', rope_theta: float = 10000.0):
     if dim % num_heads:
       raise ValueError(f'width {dim} is not divisible by {num_heads} heads')
     k = dim // num_heads
@@ -439,6 +440,7 @@ class Attention(nnx.Module):
     self.implementation = None if implementation in (None, 'xla') else implementation
     self.query_axis = query_axis
     self.sequence_parallel = sequence_parallel
+    self.rope_theta = rope_theta
     self.sow_weights = False  # True: also store the attention probabilities [b, heads, s, l] as an
     # nnx.Intermediate 'attention_weights' (analysis only: it materialises them; see eval/analysis.py)
 
@@ -461,7 +463,7 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if pos_bsa is not None:
-      q, k = apply_rope(q, pos_bsa), apply_rope(k, pos_bsa)
+      q, k = apply_rope(q, pos_bsa, self.rope_theta), apply_rope(k, pos_bsa, self.rope_theta)
     q = constrain(q, ('act_batch', self.query_axis, 'act_heads', None))
     if self.sow_weights:
       logits = jnp.einsum('bsnk,blnk->bnsl', q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
