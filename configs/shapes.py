@@ -107,7 +107,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       text_width=128, text_depth=2, text_heads=4,
       pooled_text=True,  # attention-pool the text into the adaLN condition
       absolute_positions=True,  # sin-cos (t, h, w) features added to the patch embeddings
-      rope_theta=10000.0,
+      rope_theta=10000.0,  # RoPE's base: its frequencies per axis run from 1 to ~1 / rope_theta radians a patch
+      rope_position_scale=1.0,  # times the (t, h, w) patch positions in RoPE (0.5: no frequency wraps in 12 patches)
       dtype='float32',  # compute dtype; parameters stay float32
       attention_impl='xla',  # or 'cudnn' on GPU, 'splash' on TPU (Pallas flash kernels)
       sequence_parallel='all_to_all',  # tokens sharded on mesh.sequence: or 'gather_kv', 'xla'

@@ -66,15 +66,17 @@ def test_text_conditioning_changes_the_output_once_trained_layers_are_nonzero():
   assert not np.allclose(a, b)
 
 
-def test_rope_theta_reaches_every_self_attention_and_changes_it():
-  model = small_dit(rope_theta=100.0)
-  assert [block.self_attn.rope_theta for block in model.blocks] == [100.0, 100.0]
+def test_rope_theta_and_position_scale_reach_every_self_attention_and_change_it():
+  model = small_dit(rope_theta=100.0, rope_position_scale=0.5)
+  assert [(b.self_attn.rope_theta, b.self_attn.rope_position_scale) for b in model.blocks] == [(100.0, 0.5)] * 2
   x_bsd = jnp.asarray(np.random.default_rng(2).normal(size=(1, 32, 32)), jnp.float32)
   pos = jnp.asarray(dit.grid_positions((2, 4, 4))[None])
   attn = model.blocks[0].self_attn
   a = attn(x_bsd, pos_bsa=pos)
   attn.rope_theta = 10000.0
-  assert not np.allclose(a, attn(x_bsd, pos_bsa=pos), atol=1e-4)
+  b = attn(x_bsd, pos_bsa=pos)
+  attn.rope_position_scale = 1.0
+  assert not np.allclose(a, b, atol=1e-4) and not np.allclose(b, attn(x_bsd, pos_bsa=pos), atol=1e-4)
 
 
 def test_tokenize_pads_truncates_and_starts_with_bos():

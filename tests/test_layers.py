@@ -32,6 +32,19 @@ def test_rope_preserves_norms_and_is_identity_at_the_origin():
   np.testing.assert_allclose(layers.apply_rope(x, jnp.zeros_like(pos)), x, atol=1e-6)
 
 
+def test_rope_position_scale_rotates_as_scaled_positions_so_far_offsets_stop_aliasing():
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 7, 2, 30)), jnp.float32)
+  pos = jnp.asarray(np.stack([np.zeros(7), np.arange(7), np.zeros(7)], -1)[None])  # 7 rows, one column
+  np.testing.assert_allclose(layers.apply_rope(x, pos, 100.0, position_scale=0.5),
+                             layers.apply_rope(x, 0.5 * pos, 100.0), atol=1e-6)
+  # The fastest h frequency alone: offset 6 scores almost like offset 0 at scale 1 (6 rad), not at 0.5.
+  q = jnp.zeros((1, 7, 1, 30)).at[..., 5].set(1.0).at[..., 20].set(1.0)  # the pair (5, 20): h, 1 rad
+  for scale, aliased in ((1.0, True), (0.5, False)):
+    r = layers.apply_rope(q, pos, 100.0, position_scale=scale)[0, :, 0]
+    score_0_6 = float(r[0] @ r[6]) / float(r[0] @ r[0])
+    assert (score_0_6 > 0.9) == aliased, (scale, score_0_6)
+
+
 def test_rope_dims_split_the_head_dim_into_even_parts():
   assert layers.rope_dims(32, 3) == (12, 10, 10)
   assert sum(layers.rope_dims(64, 3)) == 64

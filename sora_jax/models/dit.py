@@ -109,10 +109,12 @@ class DiTBlock(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, text_dim: int | None, rngs: nnx.Rngs,
                dtype, attention_impl, sequence_parallel='all_to_all', qk_norm: bool = True,
-               qkv_bias: bool = False, rope: bool = True, rope_theta: float = 10000.0):
+               qkv_bias: bool = False, rope: bool = True, rope_theta: float = 10000.0,
+               rope_position_scale: float = 1.0):
     kw = dict(rngs=rngs, dtype=dtype, implementation=attention_impl)
     self.self_attn = layers.Attention(dim, num_heads, sequence_parallel=sequence_parallel,
-                                      qk_norm=qk_norm, qkv_bias=qkv_bias, rope_theta=rope_theta, **kw)
+                                      qk_norm=qk_norm, qkv_bias=qkv_bias, rope_theta=rope_theta,
+                                      rope_position_scale=rope_position_scale, **kw)
     self.rope = rope
     self.cross_attention = text_dim is not None
     if self.cross_attention:
@@ -211,7 +213,7 @@ class DiT(nnx.Module):
   def __init__(self, *, channels: int, patch: tuple[int, int, int], width: int, depth: int,
                num_heads: int, mlp_ratio: float = 4.0, text_width: int = 128, text_depth: int = 2,
                text_heads: int = 4, pooled_text: bool = True, absolute_positions: bool = True,
-               rope_theta: float = 10000.0, remat: str = 'none',
+               rope_theta: float = 10000.0, rope_position_scale: float = 1.0, remat: str = 'none',
                dtype=jnp.float32, attention_impl: str | None = None,
                sequence_parallel: str = 'all_to_all', conditioning: str = 'text',
                num_classes: int | None = None, qk_norm: bool = True, qkv_bias: bool = False,
@@ -228,6 +230,7 @@ class DiT(nnx.Module):
     self.pooled_text = pooled_text and conditioning == 'text'
     self.absolute_positions = absolute_positions
     self.rope_theta = rope_theta
+    self.rope_position_scale = rope_position_scale
     self.learn_sigma = learn_sigma
     if remat not in REMAT_POLICIES:
       raise ValueError(f'remat={remat!r}: use one of {tuple(REMAT_POLICIES)}')
@@ -255,7 +258,7 @@ class DiT(nnx.Module):
         DiTBlock(width, num_heads, mlp_ratio, text_dim=width if conditioning == 'text' else None,
                  rngs=rngs, dtype=dtype, attention_impl=attention_impl,
                  sequence_parallel=sequence_parallel, qk_norm=qk_norm, qkv_bias=qkv_bias, rope=rope,
-                 rope_theta=rope_theta)
+                 rope_theta=rope_theta, rope_position_scale=rope_position_scale)
         for _ in range(depth)])
     self.final = FinalLayer(width, patch_values * (2 if learn_sigma else 1), rngs=rngs, dtype=dtype)
 
@@ -398,7 +401,8 @@ def from_config(model_config, channels: int, rngs: nnx.Rngs, text_dim: int | Non
              mlp_ratio=model_config.mlp_ratio, text_width=get('text_width', 128),
              text_depth=get('text_depth', 2), text_heads=get('text_heads', 4),
              pooled_text=get('pooled_text', True), absolute_positions=get('absolute_positions', True),
-             rope_theta=get('rope_theta', 10000.0), remat=get('remat', 'none'),
+             rope_theta=get('rope_theta', 10000.0), rope_position_scale=get('rope_position_scale', 1.0),
+             remat=get('remat', 'none'),
              dtype=jnp.dtype(model_config.dtype), attention_impl=get('attention_impl', None),
              sequence_parallel=get('sequence_parallel', 'all_to_all'),
              conditioning=get('conditioning', 'text'), num_classes=get('num_classes', None),

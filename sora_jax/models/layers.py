@@ -75,18 +75,20 @@ def rope_dims(head_dim: int, num_axes: int) -> tuple[int, ...]:
   return (first,) + (base,) * (num_axes - 1)
 
 
-def apply_rope(x_bsnk, pos_bsa, theta: float = 10000.0):
+def apply_rope(x_bsnk, pos_bsa, theta: float = 10000.0, position_scale: float = 1.0):
   """Rotates pairs of channels of each head by angles pos * freq, one block of channels per axis.
 
   x_bsnk: [b, s, n, k] queries or keys.  pos_bsa: [b, s, a] explicit positions (t, h, w), so
   packed or cropped sequences keep their true coordinates. Dot products of rotated q and k depend
-  only on position differences.
+  only on position differences. The frequencies per axis run from `position_scale` radians a position
+  down to about `position_scale / theta`; the fastest wraps around (looks like no offset) at offsets
+  near 2 pi / position_scale (~6 positions at 1).
   """
   dims = rope_dims(x_bsnk.shape[-1], pos_bsa.shape[-1])
   angles = []
   for axis, dim in enumerate(dims):
     freqs = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)  # [dim/2]
-    angles.append(pos_bsa[..., axis:axis + 1].astype(jnp.float32) * freqs)  # [b, s, dim/2]
+    angles.append(pos_bsa[..., axis:axis + 1].astype(jnp.float32) * (position_scale * freqs))  # [b, s, dim/2]
   angle_bsh = jnp.concatenate(angles, axis=-1)[:, :, None, :]  # [b, s, 1, k/2]
   cos, sin = jnp.cos(angle_bsh), jnp.sin(angle_bsh)
   x1, x2 = jnp.split(x_bsnk.astype(jnp.float32), 2, axis=-1)
@@ -414,13 +416,14 @@ class Attention(nnx.Module):
   sequence parallelism), 'act_text' (text tokens) or None (a few pooling queries).
   `sequence_parallel` chooses how self-attention over sharded spacetime tokens communicates (see
   `self_attention`); cross-attention needs nothing: the text is whole on every device.
-  `rope_theta`: RoPE's base (its slowest frequency per axis is about 1 / rope_theta radians a position).
+  `rope_theta`, `rope_position_scale`: RoPE's base and the scale of positions (`apply_rope`).
   """
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, context_dim: int | None = None,
                qk_norm: bool = True, qkv_bias: bool = False, zero_out: bool = False, dtype=jnp.float32,
                implementation: str | None = None, query_axis: str | None = 'act_seq',
-               sequence_parallel: str = 'all_to_all', rope_theta: float = 10000.0):
+               sequence_parallel: str = 'all_to_all', rope_theta: float = 10000.0,
+               rope_position_scale: float = 1.0):
     if dim % num_heads:
       raise ValueError(f'width {dim} is not divisible by {num_heads} heads')
     k = dim // num_heads
@@ -441,6 +444,7 @@ class Attention(nnx.Module):
     self.query_axis = query_axis
     self.sequence_parallel = sequence_parallel
     self.rope_theta = rope_theta
+    self.rope_position_scale = rope_position_scale
     self.sow_weights = False  # True: also store the attention probabilities [b, heads, s, l] as an
     # nnx.Intermediate 'attention_weights' (analysis only: it materialises them; see eval/analysis.py)
 
@@ -463,7 +467,8 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if pos_bsa is not None:
-      q, k = apply_rope(q, pos_bsa, self.rope_theta), apply_rope(k, pos_bsa, self.rope_theta)
+      theta, scale = self.rope_theta, self.rope_position_scale
+      q, k = apply_rope(q, pos_bsa, theta, scale), apply_rope(k, pos_bsa, theta, scale)
     q = constrain(q, ('act_batch', self.query_axis, 'act_heads', None))
     if self.sow_weights:
       logits = jnp.einsum('bsnk,blnk->bnsl', q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
