@@ -38,6 +38,10 @@ def get_config(arg: str | None = None):
   config.data.sizes = '1x32x32,8x32x32,8x32x56,8x56x32,16x32x32,16x32x56,16x56x32'
   config.data.num_train = 57344  # ~8,200 clips of each size: the curriculum's are not repeated much
   config.model.patch = (2, 8, 8)  # as the fixed-size default; an image trains as a still 2-frame clip
+  # RoPE's base: at 10000 an axis's 5 frequencies (head dim 32) are 1, 0.16, 0.025, ... radians a patch:
+  # the fastest wraps at 6 patches and the slow ones hardly change over 7, and tall and wide samples drew
+  # a second object at the far edge (21 of 36 tall). 100 spreads them over 1 to 0.025 (9-11 of 36; README).
+  config.model.rope_theta = 100.0
   config.packing.update(row_length=224, max_segments=3, loss_weighting='sample', block=16)
   # A size curriculum: the first 1400 steps pack 8 x 32 x 32 clips only (3 a row, 27 a step), then
   # every size. Short clips teach motion in the fewest tokens: without this stage direction stays
