@@ -229,8 +229,6 @@ class DiT(nnx.Module):
     self.num_classes = num_classes if conditioning == 'class' else None
     self.pooled_text = pooled_text and conditioning == 'text'
     self.absolute_positions = absolute_positions
-    self.rope_theta = rope_theta
-    self.rope_position_scale = rope_position_scale
     self.learn_sigma = learn_sigma
     if remat not in REMAT_POLICIES:
       raise ValueError(f'remat={remat!r}: use one of {tuple(REMAT_POLICIES)}')
