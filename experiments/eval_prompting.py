@@ -13,8 +13,8 @@ Inputs are clips rendered here (`shapes.render_clip`, attributes, start and spee
                   <= --max_error_px) in the clip's color;
   extend_backward given frames [T/2, T): the frames before follow the true path, likewise;
   interpolate     given the first and last frames: the frames between follow the true path;
-  edit            SDEdit of the clip at --strength to a caption of another color: that color, and
-                  the clip's path (centroid error <= --max_error_px).
+  edit            SDEdit (or --edit_method=flowedit) of the clip at --strength to a caption of another
+                  color: that color, and the clip's path (centroid error <= --max_error_px).
   `*_error_px`: the median path error (image_to_video: distance from a straight line);
   `*_speed_ratio` (extend, extend_backward): the median speed of the generated frames over the true
   speed (centroid velocity fitted over those frames; < 1: the model slows the object down);
@@ -39,7 +39,9 @@ flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest)
 flags.DEFINE_integer('cases', 100, 'Cases per mode.')
 flags.DEFINE_integer('seed', 0, 'Seed of the rendered inputs and of the sampling noise.')
 flags.DEFINE_integer('batch', 50, 'Cases per sampling call.')
-flags.DEFINE_float('strength', 0.7, 'SDEdit noise level of the edit mode.')
+flags.DEFINE_float('strength', None, 'Noise level of the edit mode (default: 0.7 for sdedit, 0.85 for flowedit).')
+flags.DEFINE_enum('edit_method', 'sdedit', ('sdedit', 'flowedit'), 'How the edit mode edits (sample.generate); '
+                  "flowedit is given the clip's caption as its source prompt.")
 flags.DEFINE_float('max_error_px', 1.5, 'Largest mean centroid error (pixels) of a right path.')
 flags.DEFINE_float('guidance_scale', None, 'Text guidance scale (default: config).')
 flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config).')
@@ -73,6 +75,7 @@ def main(argv):
     kw = dict(num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale,
               frame_guidance_scale=FLAGS.frame_guidance_scale, stochasticity=FLAGS.stochasticity,
               time_shift=FLAGS.time_shift)
+    strength = sample.EDIT_STRENGTH[FLAGS.edit_method] if FLAGS.strength is None else FLAGS.strength
     rng = np.random.default_rng(FLAGS.seed + 10_000)  # not the dataset's seeds
     result = dict(workdir=FLAGS.workdir, step=model.step, cases=FLAGS.cases, max_error_px=FLAGS.max_error_px)
     start = time.time()
@@ -120,7 +123,11 @@ def main(argv):
             color, shape, direction = shapes.parse_caption(c['caption'])
             other = [x for x in colors if x != color]
             prompts.append(shapes.caption(other[int(rng.integers(len(other)))], shape, direction))
-          videos = sample.generate(model, prompts, edit=clips, strength=FLAGS.strength, seed=seed, **kw)
+          source = [c['caption'] for c in cases] if FLAGS.edit_method == 'flowedit' else None
+          edit_kw = dict(kw, guidance_scale=sample.FLOWEDIT_GUIDANCE) if source and kw['guidance_scale'] is None else kw
+          videos = sample.generate(model, prompts, edit=clips, strength=strength, seed=seed,
+                                   edit_method=FLAGS.edit_method, edit_guidance_scale=FLAGS.guidance_scale if FLAGS.guidance_scale
+                  is not None or FLAGS.edit_method != 'flowedit' else sample.FLOWEDIT_GUIDANCE, source_prompts=source, **edit_kw)
           errs = [adherence.path_error(v, c, np.ones(T, bool)) for v, c in zip(videos, clips)]
           errors.extend(errs)
           judged = [e <= FLAGS.max_error_px and adherence.judge_color(v) == shapes.parse_caption(p)[0]
@@ -139,7 +146,9 @@ def main(argv):
         true, generated = np.array([p for p in speeds if np.isfinite(p).all()]).T
         if len(true) > 1 and np.ptp(true) > 0:
           result[f'{mode}_speed_slope'] = round(float(np.polyfit(true, generated, 1)[0]), 3)
-    result.update(exact_given=all(exact), seconds=round(time.time() - start, 1), strength=FLAGS.strength,
+    result.update(exact_given=all(exact), seconds=round(time.time() - start, 1), strength=strength,
+                  edit_method=FLAGS.edit_method, edit_guidance_scale=FLAGS.guidance_scale if FLAGS.guidance_scale
+                  is not None or FLAGS.edit_method != 'flowedit' else sample.FLOWEDIT_GUIDANCE,
                   guidance_scale=FLAGS.guidance_scale, frame_guidance_scale=FLAGS.frame_guidance_scale,
                   stochasticity=FLAGS.stochasticity, steps=FLAGS.steps,
                   time_shift=FLAGS.time_shift)

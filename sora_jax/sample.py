@@ -42,6 +42,9 @@ class Model:
   text_encoder: object = None
 
 
+EDIT_METHODS = ('sdedit', 'flowedit')
+
+
 @partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction', 'stochasticity', 'frame_guidance'))
 def _sample_latents(params, graphdef, noise, start, cond, null_cond, guidance_scale, time_shift, rng_b,
                     given=None, frame_guidance_scale=1.0, *, num_steps: int, prediction: str,
@@ -82,6 +85,22 @@ def _sample_latents(params, graphdef, noise, start, cond, null_cond, guidance_sc
   x = rf.sample(velocity, start, num_steps=num_steps, shift=time_shift, t_start=t_start,
                 stochasticity=stochasticity, rng_b=rng_b)
   return x if given is None else fc.apply_to_input(x, given['x'], given['mask_bt'])
+
+
+@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction'))
+def _flow_edit_latents(params, graphdef, x_src, cond, null_cond, source_cond, guidance_scale, time_shift, rng_b,
+                       t_start, *, num_steps: int, prediction: str):
+  """FlowEdit of the latents x_src [b, T, H, W, c] (`rf.flow_edit`): the target velocity guided
+  toward `cond` (against `null_cond`), the source velocity under `source_cond`, one batched call a step."""
+  net = nnx.merge(graphdef, params)
+  conds = jax.tree.map(lambda *a: jnp.concatenate(a), cond, null_cond, source_cond)
+
+  def velocities(z_tar, z_src, t_b):
+    xs, ts = jnp.concatenate([z_tar, z_tar, z_src]), jnp.concatenate([t_b] * 3)
+    v_text, v_null, v_src = jnp.split(rf.to_velocity(net(xs, ts, **conds), xs, ts, prediction_type=prediction), 3)
+    return rf.guidance(v_text, v_null, guidance_scale), v_src
+
+  return rf.flow_edit(velocities, x_src, num_steps=num_steps, t_start=t_start, shift=time_shift, rng=rng_b)
 
 
 def check_size(config, autoencoder, frames: int, height: int, width: int,
@@ -150,7 +169,8 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
              guidance_scale: float | None = None, time_shift: float | None = None,
              stochasticity: float | None = None, negative_prompt: str | None = None,
              given=None, given_mask=None, frame_guidance_scale: float | None = None,
-             edit=None, strength: float | None = None, size: tuple[int, int, int] | None = None) -> np.ndarray:
+             edit=None, strength: float | None = None, edit_method: str = 'sdedit',
+             source_prompts: list | None = None, size: tuple[int, int, int] | None = None) -> np.ndarray:
   """uint8 videos [len(prompts), T, H, W, 3]; unset options come from `config.sample`.
 
   `size` (frames, height, width): any size the autoencoder and patch divide, up to
@@ -165,7 +185,9 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   Through a causal VAE a given frame conditions the latent frame that holds it (the first
   latent frame holds frame 0 alone; later ones 4 frames, whose other frames then come along).
   SDEdit: `edit` uint8 [T, H, W, 3] (or one per prompt) noised to level `strength` in (0, 1] and
-  denoised from there. Higher-level modes are in `sora_jax.prompting`.
+  denoised from there. `edit_method='flowedit'`: FlowEdit from `strength` instead (`rf.flow_edit`;
+  keeps motion and layout better at the noise levels that change color), with `source_prompts`
+  describing the input video (None: the empty caption). Higher-level modes are in `sora_jax.prompting`.
   """
   cfg = model.config
   num_steps = num_steps or cfg.sample.num_steps
@@ -197,8 +219,22 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   if edit is not None:
     if strength is None or not 0 < strength <= 1:
       raise UsageError(f'strength={strength}: SDEdit needs a noise level in (0, 1]')
+    if edit_method not in EDIT_METHODS:
+      raise UsageError(f'edit_method={edit_method!r}: use one of {EDIT_METHODS}')
     x_edit = dit.repeat_stills(_encode(model.autoencoder, model.autoencoder.params, _pixels(edit, b, frames, 'edit')), pt)
     start, t_start = rf.interpolate(x_edit, noise, jnp.full((b,), strength)), float(strength)
+  if edit is not None and edit_method == 'flowedit':
+    if given is not None:
+      raise UsageError('edit_method="flowedit" takes no given frames (SDEdit does)')
+    if source_prompts is not None and len(source_prompts) != b:
+      raise UsageError(f'{len(source_prompts)} source prompts for {b} prompts: give one per prompt')
+    source = conditioning(cfg, list(source_prompts or prompts), model.text_encoder)[0 if source_prompts else 1]
+    latents = _flow_edit_latents(model.params, model.graphdef, x_edit, cond, null_cond, source, guidance_scale,
+                                 time_shift, rng_b, jnp.float32(t_start), num_steps=num_steps,
+                                 prediction=cfg.objective.prediction)
+    return _to_videos(model, latents, size)
+  if source_prompts is not None:
+    raise UsageError('source_prompts go with edit_method="flowedit"')
   if given is not None:
     if not cfg.model.get('frame_conditioning', False):
       raise UsageError('this model was trained without frame conditioning (config.model.frame_conditioning): '
@@ -215,6 +251,11 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
                             rng_b, given_latents, frame_guidance_scale, num_steps=num_steps,
                             prediction=cfg.objective.prediction, stochasticity=float(stochasticity),
                             t_start=jnp.float32(t_start), frame_guidance=given is not None and frame_guidance_scale != 1.0)
+  return _to_videos(model, latents, size)
+
+
+def _to_videos(model: Model, latents, size: tuple[int, int, int]) -> np.ndarray:
+  """Decoded uint8 videos [b, *size, 3] of sampled latents."""
   pixels = _decode(model.autoencoder, model.autoencoder.params, latents)[:, :size[0]]  # a still: its first frame
   if not getattr(pixels, 'is_fully_addressable', True):  # sharded over several processes' devices
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -262,6 +303,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 PARAMS = ('ema', 'raw')
+# --strength's default per --edit_method, and --guidance_scale's for FlowEdit (config.sample's for SDEdit):
+# the best of those measured on `shapes` (README, "Prompting").
+EDIT_STRENGTH = dict(sdedit=0.7, flowedit=0.85)
+FLOWEDIT_GUIDANCE = 3.0
 
 
 def load(workdir: str, step: int | None = None, params: str = 'ema') -> Model:
@@ -320,8 +365,15 @@ def define_flags():
                             'from the end); repeatable. a.png@0 is image-to-video; a.png@0 b.png@-1 interpolates.')
   flags.DEFINE_string('extend', None, 'A video the output starts with and continues.')
   flags.DEFINE_string('extend_backward', None, 'A video the output ends with: what came before it.')
-  flags.DEFINE_string('edit', None, 'SDEdit: a video noised to --strength and denoised with the prompt.')
-  flags.DEFINE_float('strength', None, 'SDEdit noise level in (0, 1] (default 0.7): higher changes more.')
+  flags.DEFINE_string('edit', None, 'A video to edit with the prompt: motion and layout stay, what the prompt '
+                      'changes changes (--edit_method).')
+  flags.DEFINE_float('strength', None, 'Edit noise level in (0, 1] (default 0.7 for sdedit, 0.85 for flowedit): '
+                     'higher changes more.')
+  flags.DEFINE_enum('edit_method', 'sdedit', EDIT_METHODS, 'sdedit: noise the video to --strength and denoise '
+                    'it with the prompt; flowedit: FlowEdit from --strength (keeps paths better when colors change; '
+                    f'default --guidance_scale={FLOWEDIT_GUIDANCE}).')
+  flags.DEFINE_string('source_prompt', None, 'With --edit_method=flowedit: what the edited video shows '
+                      '(default: the empty caption).')
   flags.DEFINE_bool('loop', False, 'Make the last frame lead back into the first.')
   flags.DEFINE_integer('frames', None, 'Output frames (default: the training length); longer outputs are '
                        'made window by window, each given the last half of the previous one; 1: an image.')
@@ -362,6 +414,10 @@ def check_prompting_flags() -> None:
     raise UsageError('--strength goes with --edit')
   if FLAGS.edit and (FLAGS.keyframe or FLAGS.extend or FLAGS.extend_backward or FLAGS.loop or FLAGS.frames):
     raise UsageError('--edit combines with the prompt, guidance, seed and steps only')
+  if (FLAGS.source_prompt is not None or FLAGS.edit_method != 'sdedit') and not FLAGS.edit:
+    raise UsageError('--edit_method and --source_prompt go with --edit')
+  if FLAGS.source_prompt is not None and FLAGS.edit_method != 'flowedit':
+    raise UsageError('--source_prompt goes with --edit_method=flowedit')
   if FLAGS.edit and not 0 < (FLAGS.strength if FLAGS.strength is not None else 0.7) <= 1:
     raise UsageError(f'--strength={FLAGS.strength}: use a noise level in (0, 1]')
   for name in ('frames', 'height', 'width'):
@@ -384,8 +440,12 @@ def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np
     return frames
 
   if FLAGS.edit:
-    videos, note = prompting.edit(model, prompts, read(prompting.read_video, FLAGS.edit),
-                                  strength=0.7 if FLAGS.strength is None else FLAGS.strength, **kw)
+    strength = EDIT_STRENGTH[FLAGS.edit_method] if FLAGS.strength is None else FLAGS.strength
+    source = None if FLAGS.source_prompt is None else [FLAGS.source_prompt] * len(prompts)
+    if FLAGS.edit_method == 'flowedit' and kw.get('guidance_scale') is None:
+      kw = dict(kw, guidance_scale=FLOWEDIT_GUIDANCE)
+    videos, note = prompting.edit(model, prompts, read(prompting.read_video, FLAGS.edit), strength=strength,
+                                  edit_method=FLAGS.edit_method, source_prompts=source, **kw)
     if note:
       print(note)
   else:

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 SUFFIXES = ('.mp4', '.gif', '.png')  # .png: one frame (an image)
+GIF_FRAME_MS = 'sora_jax frame_ms='  # the comment of the GIFs `write` makes: one frame's duration
 
 
 def to_uint8(video_thwc) -> np.ndarray:
@@ -29,8 +30,10 @@ def write(path: str, frames_thwc: np.ndarray, fps: int = 8, upscale: int = 1) ->
     Image.fromarray(frames[0]).save(path)
     return path
   if suffix == '.gif':
+    # Pillow merges identical consecutive frames into one longer frame; the comment lets `read` undo it.
     images = [Image.fromarray(f) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0,
+                   comment=f'{GIF_FRAME_MS}{1000 / fps}')
     return path
   # yuv444p keeps full colour resolution: 4:2:0 blurs small saturated shapes.
   with av.open(path, mode='w') as container:
@@ -48,13 +51,16 @@ def write(path: str, frames_thwc: np.ndarray, fps: int = 8, upscale: int = 1) ->
 
 
 def read(path: str) -> np.ndarray:
-  """uint8 [T, H, W, 3] frames of an mp4, gif or png."""
+  """uint8 [T, H, W, 3] frames of an mp4, gif or png (a GIF of `write` gets back frames it merged)."""
   if os.path.splitext(path)[1].lower() in ('.gif', '.png'):
     with Image.open(path) as im:
+      comment = im.info.get('comment', b'').decode('latin-1')
+      frame_ms = float(comment[len(GIF_FRAME_MS):]) if comment.startswith(GIF_FRAME_MS) else None
       frames = []
       for i in range(getattr(im, 'n_frames', 1)):
         im.seek(i)
-        frames.append(np.asarray(im.convert('RGB')))
+        repeat = max(1, round(im.info.get('duration', 0) / frame_ms)) if frame_ms else 1  # GIF delays: 10 ms units
+        frames.extend([np.asarray(im.convert('RGB'))] * repeat)
     return np.stack(frames)
   with av.open(path) as container:
     return np.stack([f.to_ndarray(format='rgb24') for f in container.decode(video=0)])

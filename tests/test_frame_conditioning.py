@@ -191,6 +191,24 @@ def test_sdedit_at_full_strength_is_plain_sampling_and_below_it_starts_from_the_
   assert not np.array_equal(right, left) and not np.array_equal(right, full)
 
 
+def test_flowedit_to_the_source_prompt_unguided_returns_the_input_and_a_guided_edit_changes_it(conditioned_workdir):
+  from sora_jax import UsageError, sample
+  model = sample.load(conditioned_workdir)
+  c = clip()
+  kw = dict(edit=c, strength=0.85, num_steps=3, seed=2, edit_method='flowedit')
+  same = sample.generate(model, PROMPTS, guidance_scale=1.0, source_prompts=PROMPTS, **kw)
+  # Both velocities are the same network call on the same input: each step moves by exactly zero.
+  np.testing.assert_array_equal(same, np.broadcast_to(c, same.shape))
+  changed = sample.generate(model, PROMPTS, guidance_scale=4.0, source_prompts=[''] * 2, **kw)
+  assert not np.array_equal(changed, same)
+  with pytest.raises(UsageError, match='1 source prompts for 2 prompts'):
+    sample.generate(model, PROMPTS, source_prompts=PROMPTS[:1], **kw)
+  with pytest.raises(UsageError, match='edit_method='):
+    sample.generate(model, PROMPTS, **{**kw, 'edit_method': 'inversion'})
+  with pytest.raises(UsageError, match='source_prompts go with edit_method="flowedit"'):
+    sample.generate(model, PROMPTS, edit=c, strength=0.5, source_prompts=PROMPTS)
+
+
 def test_bad_inputs_are_one_line_errors(conditioned_workdir, tmp_path):
   from sora_jax import UsageError, sample
   bad = tmp_path / 'notes.png'
@@ -276,6 +294,10 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
       common + [out('x.gif'), '--width=30'],
       common + [out('x.png')],
       common + [out('x.gif'), '--height=512', '--width=512'],
+      common + [out('flowedit.gif'), f'--edit={tmp_path}/clip.gif', '--edit_method=flowedit',
+                '--source_prompt=a blue circle moving right'],
+      common + [out('x.gif'), f'--edit={tmp_path}/clip.gif', '--source_prompt=a blue circle moving right'],
+      common + [out('x.gif'), '--edit_method=flowedit'],
   ]
   result = subprocess.run([sys.executable, '-c', CLI_DRIVER, json.dumps(runs)], cwd=os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), env=subprocess_env(1), capture_output=True, text=True, timeout=600)
@@ -302,6 +324,9 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
   assert 'config.model.patch=(2, 8, 8) does not divide --width=30' in codes[10]
   assert 'a .png holds one frame' in codes[11]
   assert '16384 spacetime patches, more than config.sample.max_tokens=1024' in codes[12]
+  assert codes[13] == 'ok' and video.read(str(tmp_path / 'flowedit.gif')).shape == (8, 32, 32, 3)
+  assert '--source_prompt goes with --edit_method=flowedit' in codes[14]
+  assert '--edit_method and --source_prompt go with --edit' in codes[15]
   assert all('\n' not in code for code in codes)
 
 

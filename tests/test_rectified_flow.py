@@ -92,3 +92,17 @@ def test_stochastic_sampler_still_samples_both_modes_of_a_two_point_mixture():
   out = np.asarray(rf.sample(velocity, noise, num_steps=100, stochasticity=0.5, rng_b=keys))
   assert np.all(np.min(np.abs(out - np.array([-1.0, 2.0])), axis=1) < 0.05)
   assert 0.3 < np.mean(out > 0.5) < 0.7
+
+
+def test_flow_edit_carries_a_point_source_to_a_point_target_exactly_whatever_the_noise():
+  # Source data: the point a; target data: the point b. Their exact velocities v = (x_t - x0) / t make
+  # FlowEdit's update (z - b) / t, whose Euler steps land on b at t = 0 from any start time.
+  a, b = jnp.array([[1.0, -2.0]]), jnp.array([[3.0, 0.5]])
+  velocities = lambda z_tar, z_src, t_b: ((z_tar - b) / t_b[:, None], (z_src - a) / t_b[:, None])  # noqa: E731
+  for t_start, seed in ((0.9, 0), (0.5, 1)):
+    out = rf.flow_edit(velocities, a, num_steps=7, t_start=t_start, rng=jax.random.split(jax.random.key(seed), 1))
+    np.testing.assert_allclose(out, b, atol=1e-5)
+  # Where source and target agree, nothing moves.
+  same = lambda z_tar, z_src, t_b: ((z_tar - a) / t_b[:, None], (z_src - a) / t_b[:, None])  # noqa: E731
+  np.testing.assert_allclose(rf.flow_edit(same, a, num_steps=5, t_start=0.8, rng=jax.random.split(jax.random.key(0), 1)),
+                             a, atol=1e-5)

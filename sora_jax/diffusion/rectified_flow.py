@@ -166,6 +166,30 @@ def sample(velocity_fn: Callable, noise, *, num_steps: int, shift: float = 1.0, 
   return x
 
 
+def flow_edit(velocity_fn: Callable, x_src, *, num_steps: int, t_start: float, shift: float = 1.0, rng=None):
+  """FlowEdit (Kulikov et al., 2024): x_src carried to the target condition without inversion.
+
+  velocity_fn(z_tar, z_src, t_b) -> (v_tar, v_src), the velocities under the target and the
+  source condition. Each step draws fresh noise n, puts the source on its path z_src = (1 - t)
+  x_src + t n, shifts the edit by the same amount, z_tar = z + z_src - x_src, and moves the edit
+  by the difference v_tar - v_src. What both conditions agree on (layout, motion) cancels, so it
+  stays; where the source is exactly the target's mode nothing moves. Starts at z = x_src and
+  t_start (how much may change, as SDEdit's strength), ends at t = 0 on the same time grid as `sample`.
+  rng: a key per sample [b], so a sample's noise ignores its batch.
+  """
+  ts = shift_time(jnp.linspace(t_start, 0.0, num_steps + 1), shift)
+
+  def step(z, inputs):
+    i, t_now, t_next = inputs
+    n = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x_src.shape[1:], x_src.dtype))(rng)
+    z_src = (1 - t_now) * x_src + t_now * n
+    v_tar, v_src = velocity_fn(z + z_src - x_src, z_src, jnp.full((x_src.shape[0],), t_now))
+    return z + (t_next - t_now) * (v_tar - v_src), None
+
+  z, _ = jax.lax.scan(step, x_src, (jnp.arange(num_steps), ts[:-1], ts[1:]))
+  return z
+
+
 def guidance(v_text, v_null, scale: float, v_no_frames=None, frame_scale: float = 1.0):
   """Classifier-free guidance from the velocities of the guidance branches.
 
