@@ -43,7 +43,7 @@ flags.DEFINE_float('strength', None, 'Noise level of the edit mode (default: 0.7
 flags.DEFINE_enum('edit_method', 'sdedit', ('sdedit', 'flowedit'), 'How the edit mode edits (sample.generate); '
                   "flowedit is given the clip's caption as its source prompt.")
 flags.DEFINE_float('max_error_px', 1.5, 'Largest mean centroid error (pixels) of a right path.')
-flags.DEFINE_float('guidance_scale', None, 'Text guidance scale (default: config).')
+flags.DEFINE_float('guidance_scale', None, 'Text guidance scale (default: config; edits: sample.EDIT_GUIDANCE).')
 flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config).')
 flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
 flags.DEFINE_float('stochasticity', None, 'Fresh noise per sampling step in [0, 1] (default: config).')
@@ -76,6 +76,7 @@ def main(argv):
               frame_guidance_scale=FLAGS.frame_guidance_scale, stochasticity=FLAGS.stochasticity,
               time_shift=FLAGS.time_shift)
     strength = sample.EDIT_STRENGTH[FLAGS.edit_method] if FLAGS.strength is None else FLAGS.strength
+    edit_guidance = sample.EDIT_GUIDANCE if FLAGS.guidance_scale is None else FLAGS.guidance_scale
     rng = np.random.default_rng(FLAGS.seed + 10_000)  # not the dataset's seeds
     result = dict(workdir=FLAGS.workdir, step=model.step, cases=FLAGS.cases, max_error_px=FLAGS.max_error_px)
     start = time.time()
@@ -124,10 +125,9 @@ def main(argv):
             other = [x for x in colors if x != color]
             prompts.append(shapes.caption(other[int(rng.integers(len(other)))], shape, direction))
           source = [c['caption'] for c in cases] if FLAGS.edit_method == 'flowedit' else None
-          edit_kw = dict(kw, guidance_scale=sample.FLOWEDIT_GUIDANCE) if source and kw['guidance_scale'] is None else kw
+          edit_kw = dict(kw, guidance_scale=edit_guidance)
           videos = sample.generate(model, prompts, edit=clips, strength=strength, seed=seed,
-                                   edit_method=FLAGS.edit_method, edit_guidance_scale=FLAGS.guidance_scale if FLAGS.guidance_scale
-                  is not None or FLAGS.edit_method != 'flowedit' else sample.FLOWEDIT_GUIDANCE, source_prompts=source, **edit_kw)
+                                   edit_method=FLAGS.edit_method, source_prompts=source, **edit_kw)
           errs = [adherence.path_error(v, c, np.ones(T, bool)) for v, c in zip(videos, clips)]
           errors.extend(errs)
           judged = [e <= FLAGS.max_error_px and adherence.judge_color(v) == shapes.parse_caption(p)[0]
@@ -147,8 +147,7 @@ def main(argv):
         if len(true) > 1 and np.ptp(true) > 0:
           result[f'{mode}_speed_slope'] = round(float(np.polyfit(true, generated, 1)[0]), 3)
     result.update(exact_given=all(exact), seconds=round(time.time() - start, 1), strength=strength,
-                  edit_method=FLAGS.edit_method, edit_guidance_scale=FLAGS.guidance_scale if FLAGS.guidance_scale
-                  is not None or FLAGS.edit_method != 'flowedit' else sample.FLOWEDIT_GUIDANCE,
+                  edit_method=FLAGS.edit_method, edit_guidance_scale=edit_guidance,
                   guidance_scale=FLAGS.guidance_scale, frame_guidance_scale=FLAGS.frame_guidance_scale,
                   stochasticity=FLAGS.stochasticity, steps=FLAGS.steps,
                   time_shift=FLAGS.time_shift)

@@ -303,10 +303,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 PARAMS = ('ema', 'raw')
-# --strength's default per --edit_method, and --guidance_scale's for FlowEdit (config.sample's for SDEdit):
-# the best of those measured on `shapes` (README, "Prompting").
+# An edit's defaults for --strength (per --edit_method) and --guidance_scale (config.sample's is for
+# text-to-video): the best of those measured on `shapes` (README, "Prompting").
 EDIT_STRENGTH = dict(sdedit=0.7, flowedit=0.85)
-FLOWEDIT_GUIDANCE = 3.0
+EDIT_GUIDANCE = 3.0
 
 
 def load(workdir: str, step: int | None = None, params: str = 'ema') -> Model:
@@ -350,7 +350,8 @@ def define_flags():
                             'repeat for several videos.')
   flags.DEFINE_string('out', 'sample.mp4', 'Output .mp4, .gif, or .png for one frame; with several prompts, '
                       '_0, _1, ... are inserted before the suffix.')
-  flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance scale (default: config).')
+  flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance scale (default: config; with --edit: '
+                     f'{EDIT_GUIDANCE}).')
   flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
   flags.DEFINE_float('stochasticity', None, 'Share of fresh noise per step, 0 (deterministic flow) to 1 '
                      '(default: config).')
@@ -370,8 +371,7 @@ def define_flags():
   flags.DEFINE_float('strength', None, 'Edit noise level in (0, 1] (default 0.7 for sdedit, 0.85 for flowedit): '
                      'higher changes more.')
   flags.DEFINE_enum('edit_method', 'sdedit', EDIT_METHODS, 'sdedit: noise the video to --strength and denoise '
-                    'it with the prompt; flowedit: FlowEdit from --strength (keeps paths better when colors change; '
-                    f'default --guidance_scale={FLOWEDIT_GUIDANCE}).')
+                    'it with the prompt; flowedit: FlowEdit from --strength (keeps paths better when colors change).')
   flags.DEFINE_string('source_prompt', None, 'With --edit_method=flowedit: what the edited video shows '
                       '(default: the empty caption).')
   flags.DEFINE_bool('loop', False, 'Make the last frame lead back into the first.')
@@ -442,8 +442,8 @@ def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np
   if FLAGS.edit:
     strength = EDIT_STRENGTH[FLAGS.edit_method] if FLAGS.strength is None else FLAGS.strength
     source = None if FLAGS.source_prompt is None else [FLAGS.source_prompt] * len(prompts)
-    if FLAGS.edit_method == 'flowedit' and kw.get('guidance_scale') is None:
-      kw = dict(kw, guidance_scale=FLOWEDIT_GUIDANCE)
+    if kw.get('guidance_scale') is None:
+      kw = dict(kw, guidance_scale=EDIT_GUIDANCE)
     videos, note = prompting.edit(model, prompts, read(prompting.read_video, FLAGS.edit), strength=strength,
                                   edit_method=FLAGS.edit_method, source_prompts=source, **kw)
     if note:

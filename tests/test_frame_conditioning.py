@@ -330,6 +330,28 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
   assert all('\n' not in code for code in codes)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('args', [['--modes=image_to_video,extend,extend_backward,interpolate,edit'],
+                                  ['--modes=edit', '--edit_method=flowedit']])
+def test_eval_prompting_scores_every_mode_and_edit_method(conditioned_workdir, args):
+  import json
+  import os
+  import subprocess
+  import sys
+  from tests.conftest import subprocess_env
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, 'experiments/eval_prompting.py', f'--workdir={conditioned_workdir}',
+                           '--cases=2', '--steps=2', *args], cwd=root, env=subprocess_env(1), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = json.loads(result.stdout.strip().splitlines()[-1])
+  modes = args[0].split('=')[1].split(',')
+  assert all(0 <= r[m] <= 1 for m in modes) and r['exact_given'] and r['cases'] == 2
+  flowedit = 'flowedit' in ' '.join(args)
+  assert (r['edit_method'], r['strength'], r['edit_guidance_scale']) == (
+      ('flowedit', 0.85, 3.0) if flowedit else ('sdedit', 0.7, 3.0))
+
+
 def test_sampling_at_another_size_gives_exactly_that_size_and_the_default_is_the_config(conditioned_workdir):
   from sora_jax import UsageError, sample
   model = sample.load(conditioned_workdir)
