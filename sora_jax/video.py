@@ -1,5 +1,6 @@
 """Writing and reading videos: mp4 (H.264 4:4:4 through PyAV, no system ffmpeg) and GIF."""
 
+import math
 import os
 
 import av
@@ -31,9 +32,9 @@ def write(path: str, frames_thwc: np.ndarray, fps: int = 8, upscale: int = 1) ->
     return path
   if suffix == '.gif':
     # Pillow merges identical consecutive frames into one longer frame; the comment lets `read` undo it.
-    images = [Image.fromarray(f) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0,
-                   comment=f'{GIF_FRAME_MS}{1000 / fps}')
+    images, frame_ms = [Image.fromarray(f) for f in frames], int(1000 / fps)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0,
+                   comment=f'{GIF_FRAME_MS}{frame_ms}')
     return path
   # yuv444p keeps full colour resolution: 4:2:0 blurs small saturated shapes.
   with av.open(path, mode='w') as container:
@@ -55,11 +56,12 @@ def read(path: str) -> np.ndarray:
   if os.path.splitext(path)[1].lower() in ('.gif', '.png'):
     with Image.open(path) as im:
       comment = im.info.get('comment', b'').decode('latin-1')
-      frame_ms = float(comment[len(GIF_FRAME_MS):]) if comment.startswith(GIF_FRAME_MS) else None
+      frame_ms = int(comment[len(GIF_FRAME_MS):]) if comment.startswith(GIF_FRAME_MS) else None
       frames = []
       for i in range(getattr(im, 'n_frames', 1)):
         im.seek(i)
-        repeat = max(1, round(im.info.get('duration', 0) / frame_ms)) if frame_ms else 1  # GIF delays: 10 ms units
+        # k merged frames keep k * frame_ms rounded down to the GIF's 10 ms units, so this is k exactly.
+        repeat = max(1, math.ceil(im.info.get('duration', 0) / frame_ms)) if frame_ms else 1
         frames.extend([np.asarray(im.convert('RGB'))] * repeat)
     return np.stack(frames)
   with av.open(path) as container:

@@ -13,10 +13,11 @@ def clip_with_still_frames():
   return frames
 
 
-@pytest.mark.parametrize('suffix', ['.gif', '.mp4'])
-def test_a_written_video_reads_back_frame_for_frame_even_where_frames_repeat(tmp_path, suffix):
+@pytest.mark.parametrize('suffix,fps,still', [('.gif', 8, 5), ('.gif', 30, 60), ('.gif', 7, 33), ('.mp4', 8, 5)])
+def test_a_written_video_reads_back_frame_for_frame_even_where_frames_repeat(tmp_path, suffix, fps, still):
   frames = clip_with_still_frames()
-  path = video.write(str(tmp_path / f'clip{suffix}'), frames, fps=8)
+  frames = np.concatenate([frames, np.repeat(frames[-1:], still - 5, axis=0)])  # frames 4.. the same
+  path = video.write(str(tmp_path / f'clip{suffix}'), frames, fps=fps)
   back = video.read(path)
   assert back.shape == frames.shape
   # A GIF's palette holds these few colors exactly; mp4 (crf 0, yuv444p) rounds through YUV by a level.
