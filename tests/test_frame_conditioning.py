@@ -197,7 +197,8 @@ def test_flowedit_to_the_source_prompt_unguided_returns_the_input_and_a_guided_e
   c = clip()
   kw = dict(edit=c, strength=0.85, num_steps=3, seed=2, edit_method='flowedit')
   same = sample.generate(model, PROMPTS, guidance_scale=1.0, source_prompts=PROMPTS, **kw)
-  # Both velocities are the same network call on the same input: each step moves by exactly zero.
+  # Both velocities are the network's under the same caption at the same point (up to float rounding), so
+  # no step moves the clip: it comes back unchanged in uint8.
   np.testing.assert_array_equal(same, np.broadcast_to(c, same.shape))
   changed = sample.generate(model, PROMPTS, guidance_scale=4.0, source_prompts=[''] * 2, **kw)
   assert not np.array_equal(changed, same)
