@@ -76,7 +76,7 @@ def main(argv):
               frame_guidance_scale=FLAGS.frame_guidance_scale, stochasticity=FLAGS.stochasticity,
               time_shift=FLAGS.time_shift)
     strength = sample.EDIT_STRENGTH[FLAGS.edit_method] if FLAGS.strength is None else FLAGS.strength
-    edit_guidance = sample.EDIT_GUIDANCE if FLAGS.guidance_scale is None else FLAGS.guidance_scale
+    edit_guidance = sample.EDIT_GUIDANCE if FLAGS.guidance_scale is None else FLAGS.guidance_scale  # as generate's
     rng = np.random.default_rng(FLAGS.seed + 10_000)  # not the dataset's seeds
     result = dict(workdir=FLAGS.workdir, step=model.step, cases=FLAGS.cases, max_error_px=FLAGS.max_error_px)
     start = time.time()
@@ -125,9 +125,8 @@ def main(argv):
             other = [x for x in colors if x != color]
             prompts.append(shapes.caption(other[int(rng.integers(len(other)))], shape, direction))
           source = [c['caption'] for c in cases] if FLAGS.edit_method == 'flowedit' else None
-          edit_kw = dict(kw, guidance_scale=edit_guidance)
           videos = sample.generate(model, prompts, edit=clips, strength=strength, seed=seed,
-                                   edit_method=FLAGS.edit_method, source_prompts=source, **edit_kw)
+                                   edit_method=FLAGS.edit_method, source_prompts=source, **kw)
           errs = [adherence.path_error(v, c, np.ones(T, bool)) for v, c in zip(videos, clips)]
           errors.extend(errs)
           judged = [e <= FLAGS.max_error_px and adherence.judge_color(v) == shapes.parse_caption(p)[0]

@@ -187,12 +187,12 @@ def extend(model, prompts: list, clip_thwc: np.ndarray, *, frames: int | None = 
   return generate_frames(model, prompts, given, frames=frames, backward=backward, **kw), note
 
 
-def edit(model, prompts: list, clip_thwc: np.ndarray, *, strength: float, seed: int = 0,
+def edit(model, prompts: list, clip_thwc: np.ndarray, *, strength: float | None = None, seed: int = 0,
          **sample_kw) -> tuple[np.ndarray, str | None]:
-  """SDEdit: `clip_thwc` noised to level `strength` in (0, 1] and denoised with `prompts`: layout and
-  motion stay, what the prompt changes changes. `edit_method='flowedit'` (with `source_prompts`, the
-  clip's captions) edits by FlowEdit instead (`sample.generate`). Uses the clip's first T frames
-  (T: training length); a shorter clip holds its last frame (said in the note)."""
+  """SDEdit: `clip_thwc` noised to level `strength` in (0, 1] (None: the method's default) and denoised
+  with `prompts`: layout and motion stay, what the prompt changes changes. `edit_method='flowedit'`
+  (with `source_prompts`, the clip's captions) edits by FlowEdit instead (`sample.generate`). Uses the
+  clip's first T frames (T: training length); a shorter clip holds its last frame (said in the note)."""
   from sora_jax import sample
   T = model.config.data.frames
   note = None

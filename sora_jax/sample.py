@@ -187,11 +187,13 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   SDEdit: `edit` uint8 [T, H, W, 3] (or one per prompt) noised to level `strength` in (0, 1] and
   denoised from there. `edit_method='flowedit'`: FlowEdit from `strength` instead (`rf.flow_edit`;
   keeps motion and layout better at the noise levels that change color), with `source_prompts`
-  describing the input video (None: the empty caption). Higher-level modes are in `sora_jax.prompting`.
+  describing the input video (None: the empty caption). An edit's unset strength and guidance are
+  `EDIT_STRENGTH[edit_method]` and `EDIT_GUIDANCE`. Higher-level modes are in `sora_jax.prompting`.
   """
   cfg = model.config
   num_steps = num_steps or cfg.sample.num_steps
-  guidance_scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
+  if guidance_scale is None:
+    guidance_scale = cfg.sample.guidance_scale if edit is None else EDIT_GUIDANCE
   time_shift = cfg.sample.time_shift if time_shift is None else time_shift
   if frame_guidance_scale is None:
     frame_guidance_scale = cfg.sample.get('frame_guidance_scale', 1.0)
@@ -217,10 +219,11 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   rng_b = jax.vmap(lambda i: jax.random.fold_in(sde_key, i))(jnp.arange(b))
   start, t_start, given_latents = noise, 1.0, None
   if edit is not None:
-    if strength is None or not 0 < strength <= 1:
-      raise UsageError(f'strength={strength}: SDEdit needs a noise level in (0, 1]')
     if edit_method not in EDIT_METHODS:
       raise UsageError(f'edit_method={edit_method!r}: use one of {EDIT_METHODS}')
+    strength = EDIT_STRENGTH[edit_method] if strength is None else strength
+    if not 0 < strength <= 1:
+      raise UsageError(f'strength={strength}: an edit needs a noise level in (0, 1]')
     x_edit = dit.repeat_stills(_encode(model.autoencoder, model.autoencoder.params, _pixels(edit, b, frames, 'edit')), pt)
     start, t_start = rf.interpolate(x_edit, noise, jnp.full((b,), strength)), float(strength)
   if edit is not None and edit_method == 'flowedit':
@@ -440,11 +443,8 @@ def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np
     return frames
 
   if FLAGS.edit:
-    strength = EDIT_STRENGTH[FLAGS.edit_method] if FLAGS.strength is None else FLAGS.strength
     source = None if FLAGS.source_prompt is None else [FLAGS.source_prompt] * len(prompts)
-    if kw.get('guidance_scale') is None:
-      kw = dict(kw, guidance_scale=EDIT_GUIDANCE)
-    videos, note = prompting.edit(model, prompts, read(prompting.read_video, FLAGS.edit), strength=strength,
+    videos, note = prompting.edit(model, prompts, read(prompting.read_video, FLAGS.edit), strength=FLAGS.strength,
                                   edit_method=FLAGS.edit_method, source_prompts=source, **kw)
     if note:
       print(note)

@@ -184,11 +184,14 @@ def test_every_mode_returns_the_given_frames_unchanged(conditioned_workdir):
 def test_sdedit_at_full_strength_is_plain_sampling_and_below_it_starts_from_the_input(conditioned_workdir):
   from sora_jax import sample
   model = sample.load(conditioned_workdir)
-  full = sample.generate(model, PROMPTS, edit=clip(), strength=1.0, num_steps=2, seed=3)
-  np.testing.assert_array_equal(full, sample.generate(model, PROMPTS, num_steps=2, seed=3))
+  full = sample.generate(model, PROMPTS, edit=clip(), strength=1.0, num_steps=2, seed=3, guidance_scale=2.0)
+  np.testing.assert_array_equal(full, sample.generate(model, PROMPTS, num_steps=2, seed=3, guidance_scale=2.0))
   right = sample.generate(model, PROMPTS, edit=clip('right'), strength=0.5, num_steps=2, seed=3)
   left = sample.generate(model, PROMPTS, edit=clip('left'), strength=0.5, num_steps=2, seed=3)
   assert not np.array_equal(right, left) and not np.array_equal(right, full)
+  # An edit's unset guidance is EDIT_GUIDANCE (text-to-video's is the config's).
+  np.testing.assert_array_equal(right, sample.generate(model, PROMPTS, edit=clip('right'), strength=0.5, num_steps=2,
+                                                       seed=3, guidance_scale=sample.EDIT_GUIDANCE))
 
 
 def test_flowedit_to_the_source_prompt_unguided_returns_the_input_and_a_guided_edit_changes_it(conditioned_workdir):
