@@ -43,7 +43,7 @@ flags.DEFINE_float('strength', None, 'Noise level of the edit mode (default: 0.7
 flags.DEFINE_enum('edit_method', 'sdedit', ('sdedit', 'flowedit'), 'How the edit mode edits (sample.generate); '
                   "flowedit is given the clip's caption as its source prompt.")
 flags.DEFINE_float('max_error_px', 1.5, 'Largest mean centroid error (pixels) of a right path.')
-flags.DEFINE_float('guidance_scale', None, 'Text guidance scale (default: config; edits: sample.EDIT_GUIDANCE).')
+flags.DEFINE_float('guidance_scale', None, 'Text guidance scale (default: config; edits: sample.edit_settings).')
 flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config).')
 flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
 flags.DEFINE_float('stochasticity', None, 'Fresh noise per sampling step in [0, 1] (default: config).')
@@ -75,8 +75,7 @@ def main(argv):
     kw = dict(num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale,
               frame_guidance_scale=FLAGS.frame_guidance_scale, stochasticity=FLAGS.stochasticity,
               time_shift=FLAGS.time_shift)
-    strength = sample.EDIT_STRENGTH[FLAGS.edit_method] if FLAGS.strength is None else FLAGS.strength
-    edit_guidance = sample.EDIT_GUIDANCE if FLAGS.guidance_scale is None else FLAGS.guidance_scale  # as generate's
+    strength, edit_guidance = sample.edit_settings(FLAGS.edit_method, FLAGS.strength, FLAGS.guidance_scale)
     rng = np.random.default_rng(FLAGS.seed + 10_000)  # not the dataset's seeds
     result = dict(workdir=FLAGS.workdir, step=model.step, cases=FLAGS.cases, max_error_px=FLAGS.max_error_px)
     start = time.time()

@@ -188,12 +188,13 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   denoised from there. `edit_method='flowedit'`: FlowEdit from `strength` instead (`rf.flow_edit`;
   keeps motion and layout better at the noise levels that change color), with `source_prompts`
   describing the input video (None: the empty caption). An edit's unset strength and guidance are
-  `EDIT_STRENGTH[edit_method]` and `EDIT_GUIDANCE`. Higher-level modes are in `sora_jax.prompting`.
+  `edit_settings`'s. Higher-level modes are in `sora_jax.prompting`.
   """
   cfg = model.config
   num_steps = num_steps or cfg.sample.num_steps
-  if guidance_scale is None:
-    guidance_scale = cfg.sample.guidance_scale if edit is None else EDIT_GUIDANCE
+  if edit is not None:
+    strength, guidance_scale = edit_settings(edit_method, strength, guidance_scale)
+  guidance_scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
   time_shift = cfg.sample.time_shift if time_shift is None else time_shift
   if frame_guidance_scale is None:
     frame_guidance_scale = cfg.sample.get('frame_guidance_scale', 1.0)
@@ -219,9 +220,6 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   rng_b = jax.vmap(lambda i: jax.random.fold_in(sde_key, i))(jnp.arange(b))
   start, t_start, given_latents = noise, 1.0, None
   if edit is not None:
-    if edit_method not in EDIT_METHODS:
-      raise UsageError(f'edit_method={edit_method!r}: use one of {EDIT_METHODS}')
-    strength = EDIT_STRENGTH[edit_method] if strength is None else strength
     if not 0 < strength <= 1:
       raise UsageError(f'strength={strength}: an edit needs a noise level in (0, 1]')
     x_edit = dit.repeat_stills(_encode(model.autoencoder, model.autoencoder.params, _pixels(edit, b, frames, 'edit')), pt)
@@ -310,6 +308,14 @@ PARAMS = ('ema', 'raw')
 # text-to-video): the best of those measured on `shapes` (README, "Prompting").
 EDIT_STRENGTH = dict(sdedit=0.7, flowedit=0.85)
 EDIT_GUIDANCE = 3.0
+
+
+def edit_settings(edit_method: str, strength: float | None, guidance_scale: float | None) -> tuple[float, float]:
+  """An edit's (strength, guidance scale): the given ones, or the defaults of `edit_method`."""
+  if edit_method not in EDIT_METHODS:
+    raise UsageError(f'edit_method={edit_method!r}: use one of {EDIT_METHODS}')
+  return (EDIT_STRENGTH[edit_method] if strength is None else strength,
+          EDIT_GUIDANCE if guidance_scale is None else guidance_scale)
 
 
 def load(workdir: str, step: int | None = None, params: str = 'ema') -> Model:
@@ -421,7 +427,7 @@ def check_prompting_flags() -> None:
     raise UsageError('--edit_method and --source_prompt go with --edit')
   if FLAGS.source_prompt is not None and FLAGS.edit_method != 'flowedit':
     raise UsageError('--source_prompt goes with --edit_method=flowedit')
-  if FLAGS.edit and not 0 < (FLAGS.strength if FLAGS.strength is not None else 0.7) <= 1:
+  if FLAGS.edit and FLAGS.strength is not None and not 0 < FLAGS.strength <= 1:
     raise UsageError(f'--strength={FLAGS.strength}: use a noise level in (0, 1]')
   for name in ('frames', 'height', 'width'):
     if FLAGS[name].value is not None and FLAGS[name].value < 1:

@@ -166,7 +166,7 @@ def sample(velocity_fn: Callable, noise, *, num_steps: int, shift: float = 1.0, 
   return x
 
 
-def flow_edit(velocity_fn: Callable, x_src, *, num_steps: int, t_start: float, shift: float = 1.0, rng=None):
+def flow_edit(velocity_fn: Callable, x_src, *, num_steps: int, t_start: float, rng, shift: float = 1.0):
   """FlowEdit (Kulikov et al., 2024): x_src carried to the target condition without inversion.
 
   velocity_fn(z_tar, z_src, t_b) -> (v_tar, v_src), the velocities under the target and the
