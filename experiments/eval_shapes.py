@@ -4,9 +4,10 @@ r"""Prompt adherence and FVD of a `shapes` model, in one JSON line.
 
 Samples every caption (7 colors x 3 shapes x 4 directions = 84) once per seed with the EMA
 parameters and judges each video analytically (`sora_jax.eval.adherence`: color, direction,
-shape, all; `shape_circle` etc. per asked shape) and by the shapes classifier's heads
-(`learned_*`). `fvd` compares the samples with the validation clips through the classifier's
-features (`sora_jax.eval.classifier`, trained and cached on first use); `--i3d_path` adds
+shape, all; `shape_circle` etc. per asked shape, `color_red` etc. per asked color, which shows a
+mix-up by name) and by the shapes classifier's heads (`learned_*`). `fvd` compares the samples with
+the validation clips through the classifier's features (`sora_jax.eval.classifier`, trained and
+cached on first use); `--i3d_path` adds
 `fvd_i3d` through a Kinetics-400 I3D (clips of 9+ frames). FVD depends on the sample count: compare
 runs at the same --seeds. Seeds start at 1000, away from the seed of the training-time samples
 (`--first_seed`). `--ground_truth` scores validation clips instead, which checks the judge itself

@@ -47,6 +47,20 @@ def test_the_analytic_judge_agrees_with_the_labels_of_real_clips():
   assert result['shape_circle'] == pytest.approx(circles / (circles + squares))
 
 
+def test_per_color_scores_show_which_colors_a_model_mixes_up():
+  rng = np.random.default_rng(2)
+  clips = [shapes.random_clip(rng, frames=8, height=32, width=32, object_size=12) for _ in range(80)]
+  captions = [c['caption'] for c in clips]
+  assert all(adherence.score([c['video'] for c in clips], captions)[f'color_{n}'] == 1.0 for n in shapes.COLOR_NAMES)
+  # Captions with red and green swapped, as a model that mixes them up would be asked for:
+  swap = {'red': 'green', 'green': 'red'}
+  swapped = [' '.join(swap.get(w, w) for w in text.split()) for text in captions]
+  result = adherence.score([c['video'] for c in clips], swapped)
+  assert result['color_red'] == result['color_green'] == 0.0
+  assert all(result[f'color_{n}'] == 1.0 for n in shapes.COLOR_NAMES if n not in swap)
+  assert result['color'] == pytest.approx(1 - sum(shapes.COLOR_NAMES[c['color']] in swap for c in clips) / len(clips))
+
+
 def source_of(data_dir):
   import ml_collections
   c = ml_collections.ConfigDict(dict(name='shapes', data_dir=data_dir, frames=8, height=32, width=32,

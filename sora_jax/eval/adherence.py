@@ -110,8 +110,10 @@ def speed(video_thwc, frames) -> float:
 
 def score(videos, prompts: list[str]) -> dict:
   """Fractions of videos whose color, direction and shape match their prompts (and all three), and
-  `shape_<name>`: the shape's fraction among the prompts naming that shape (which shape fails)."""
-  hits = {'color': [], 'direction': [], 'shape': [], 'all': []} | {f'shape_{name}': [] for name in shapes.SHAPES}
+  `shape_<name>` / `color_<name>`: that attribute's fraction among the prompts naming that shape /
+  color (which shape fails; which colors a model mixes up)."""
+  hits = ({'color': [], 'direction': [], 'shape': [], 'all': []} | {f'shape_{name}': [] for name in shapes.SHAPES}
+          | {f'color_{name}': [] for name in shapes.COLOR_NAMES})
   for v, prompt in zip(videos, prompts):
     parsed = shapes.parse_caption(prompt)
     if parsed is None:
@@ -123,5 +125,6 @@ def score(videos, prompts: list[str]) -> dict:
     for key, hit in ok.items():
       hits[key].append(hit)
     hits[f'shape_{shape}'].append(ok['shape'])
+    hits[f'color_{color}'].append(ok['color'])
     hits['all'].append(all(ok.values()))
   return {k: float(np.mean(v)) for k, v in hits.items() if v} | {'n': len(prompts)}  # no key without prompts
