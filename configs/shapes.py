@@ -106,6 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       patch=(2, 8, 8),  # (t, h, w)
       width=192, depth=4, num_heads=6, mlp_ratio=4.0,
       text_width=128, text_depth=2, text_heads=4,
+      text_embedding_std=0.02,  # the byte embeddings' initial scale (1.0 in configs/shapes_native.py)
       pooled_text=True,  # attention-pool the text into the adaLN condition
       absolute_positions=True,  # sin-cos (t, h, w) features added to the patch embeddings
       rope_theta=10000.0,  # RoPE's base: its frequencies per axis run from 1 to ~1 / rope_theta radians a patch

@@ -80,6 +80,8 @@ def validate_config(config, num_devices: int, platform: str | None = None) -> di
     raise UsageError(f'config.model.width={m.width} is not divisible by config.model.num_heads={m.num_heads}')
   if config.objective.prediction not in ('x0', 'velocity'):
     raise UsageError(f'config.objective.prediction={config.objective.prediction!r}: use "x0" or "velocity"')
+  if not m.get('text_embedding_std', 0.02) > 0:
+    raise UsageError(f'config.model.text_embedding_std={m.text_embedding_std!r}: must be positive')
   if m.remat not in dit.REMAT_POLICIES:
     raise UsageError(f'config.model.remat={m.remat!r}: use one of {tuple(dit.REMAT_POLICIES)}')
   accum = config.grad_accum_steps

@@ -79,6 +79,12 @@ def test_rope_theta_and_position_scale_reach_every_self_attention_and_change_it(
   assert not np.allclose(a, b, atol=1e-4) and not np.allclose(b, attn(x_bsd, pos_bsa=pos), atol=1e-4)
 
 
+def test_text_embedding_std_sets_the_byte_embeddings_initial_scale():
+  for std in (0.02, 1.0):
+    table = small_dit(text_width=64, text_embedding_std=std).text_encoder.embedding[...]
+    assert abs(float(jnp.std(table)) - std) < 0.1 * std
+
+
 def test_tokenize_pads_truncates_and_starts_with_bos():
   tokens, mask = text.tokenize(['ab', '', 'é' * 20], 6)
   assert tokens[0].tolist() == [text.BOS_ID, ord('a') + 2, ord('b') + 2, 0, 0, 0]

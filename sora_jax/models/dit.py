@@ -200,6 +200,7 @@ class DiT(nnx.Module):
   Frame conditioning (`frame_conditioning=True`): `frame_mask_bt` (bool [b, T]) marks the frames
          given clean (image-to-video, extension, ...) with a learned embedding; no mask, or an
          all-False one, is plain generation (`sora_jax.diffusion.frame_conditioning`).
+  `text_embedding_std`: the built-in byte encoder's initial embedding scale (`ByteTextEncoder`).
   -> prediction [b, T, H, W, c] (x0 or velocity, as the objective chooses; the network does not care).
 
   The class model's options, each defaulting to the text model's behaviour: `qk_norm`, `qkv_bias`,
@@ -218,7 +219,7 @@ class DiT(nnx.Module):
                sequence_parallel: str = 'all_to_all', conditioning: str = 'text',
                num_classes: int | None = None, qk_norm: bool = True, qkv_bias: bool = False,
                rope: bool = True, learn_sigma: bool = False, text_dim: int | None = None,
-               frame_conditioning: bool = False, rngs: nnx.Rngs):
+               frame_conditioning: bool = False, text_embedding_std: float = 0.02, rngs: nnx.Rngs):
     self.patch = tuple(patch)
     self.channels = channels
     if conditioning not in CONDITIONING:
@@ -236,7 +237,8 @@ class DiT(nnx.Module):
     patch_values = math.prod(self.patch) * channels
     self.external_text = conditioning == 'text' and text_dim is not None
     if conditioning == 'text' and not self.external_text:
-      self.text_encoder = ByteTextEncoder(text_width, text_depth, text_heads, rngs=rngs, dtype=dtype)
+      self.text_encoder = ByteTextEncoder(text_width, text_depth, text_heads, rngs=rngs, dtype=dtype,
+                                          embedding_std=text_embedding_std)
     self.patch_embed = layers.Dense(patch_values, width, ('patch', 'embed'), rngs=rngs, dtype=dtype)
     self.frame_conditioning = frame_conditioning
     if frame_conditioning:  # marks given frames: one row per frame position inside a patch
@@ -406,7 +408,8 @@ def from_config(model_config, channels: int, rngs: nnx.Rngs, text_dim: int | Non
              conditioning=get('conditioning', 'text'), num_classes=get('num_classes', None),
              qk_norm=get('qk_norm', True), qkv_bias=get('qkv_bias', False), rope=get('rope', True),
              learn_sigma=get('learn_sigma', False), text_dim=text_dim,
-             frame_conditioning=get('frame_conditioning', False), rngs=rngs)
+             frame_conditioning=get('frame_conditioning', False),
+             text_embedding_std=get('text_embedding_std', 0.02), rngs=rngs)
 
 
 def forward_flops_per_sample(model_config, latent_thw: tuple[int, int, int], channels: int,

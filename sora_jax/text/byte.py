@@ -41,10 +41,16 @@ class TextBlock(nnx.Module):
 
 
 class ByteTextEncoder(nnx.Module):
-  """Embeds byte tokens and runs `depth` pre-norm transformer blocks with 1D RoPE."""
+  """Embeds byte tokens and runs `depth` pre-norm transformer blocks with 1D RoPE.
 
-  def __init__(self, dim: int, depth: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-    self.embedding = param(rngs, layers.init_normal(0.02), (VOCAB_SIZE, dim), ('vocab', 'text_embed'))
+  `embedding_std`: the byte embeddings' initial scale. At 0.02 (GPT-2's) the blocks' first outputs,
+  which mix the caption's bytes, outweigh each byte's own identity in the residual stream; at 1.0
+  (T5's) every byte starts distinct (README, "Native sizes": the red/green mix-up).
+  """
+
+  def __init__(self, dim: int, depth: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               embedding_std: float = 0.02):
+    self.embedding = param(rngs, layers.init_normal(embedding_std), (VOCAB_SIZE, dim), ('vocab', 'text_embed'))
     self.blocks = nnx.List([TextBlock(dim, num_heads, rngs=rngs, dtype=dtype) for _ in range(depth)])
     self.norm = layers.RMSNorm(dim, 'text_embed', rngs=rngs)
     self.dim = dim
