@@ -43,8 +43,8 @@ def get_config(arg: str | None = None):
   # a second object at the far edge (21 of 36 tall). 100 spreads them over 1 to 0.025 (9-11 of 36; README).
   config.model.rope_theta = 100.0
   # Byte embeddings start at scale 1 (T5's), not 0.02: with 0.02 the text blocks' first outputs, which
-  # mix the caption's bytes, outweigh each byte's own identity, and seed 0 drew red and green (and cyan
-  # and magenta) at chance to the end; at 1.0 every color is right by step 1000 (README, "Native sizes").
+  # mix the caption's bytes, outweigh each byte's own identity, and seed 0 drew red and green at chance
+  # to the end (cyan and magenta partly); at 1.0 every color is right by step 1000 (README, "Native sizes").
   config.model.text_embedding_std = 1.0
   config.packing.update(row_length=224, max_segments=3, loss_weighting='sample', block=16)
   # A size curriculum: the first 1400 steps pack 8 x 32 x 32 clips only (3 a row, 27 a step), then
