@@ -147,6 +147,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_steps=32, guidance_scale=2.0, time_shift=1.0, fps=8,  # guidance 3+ rounds square corners
       stochasticity=0.5,  # fresh noise per step: lets late steps clean up ragged edges (0: the ODE)
       frame_guidance_scale=1.0,  # guidance toward given frames (image-to-video, ...); 1: none extra
+      # Reconstruction guidance (Ho et al., 2022) with given frames, e.g. 15: extension and backward extension
+      # +0.05 to +0.17, interpolation -0.01 to -0.09, twice the sampling time (README, "Prompting"); 0: off.
+      reconstruction_guidance=0.0,
       prompts=PROMPTS,  # written to WORKDIR/samples/ at the end of training
       max_tokens=1024,  # the largest sample (in spacetime patches) sampling accepts (--frames/--height/--width)
   )

@@ -45,6 +45,7 @@ flags.DEFINE_enum('edit_method', 'sdedit', ('sdedit', 'flowedit'), 'How the edit
 flags.DEFINE_float('max_error_px', 1.5, 'Largest mean centroid error (pixels) of a right path.')
 flags.DEFINE_float('guidance_scale', None, 'Text guidance scale (default: config; edits: sample.edit_settings).')
 flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config).')
+flags.DEFINE_float('reconstruction_guidance', None, 'Reconstruction guidance with given frames (default: config).')
 flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
 flags.DEFINE_float('stochasticity', None, 'Fresh noise per sampling step in [0, 1] (default: config).')
 flags.DEFINE_float('time_shift', None, 'Sampling time shift (> 1: more steps at high noise; default: config).')
@@ -74,6 +75,7 @@ def main(argv):
     T = cfg.data.frames
     kw = dict(num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale,
               frame_guidance_scale=FLAGS.frame_guidance_scale, stochasticity=FLAGS.stochasticity,
+              reconstruction_guidance=FLAGS.reconstruction_guidance,
               time_shift=FLAGS.time_shift)
     strength, edit_guidance = sample.edit_settings(FLAGS.edit_method, FLAGS.strength, FLAGS.guidance_scale)
     rng = np.random.default_rng(FLAGS.seed + 10_000)  # not the dataset's seeds
@@ -147,6 +149,7 @@ def main(argv):
     result.update(exact_given=all(exact), seconds=round(time.time() - start, 1), strength=strength,
                   edit_method=FLAGS.edit_method, edit_guidance_scale=edit_guidance,
                   guidance_scale=FLAGS.guidance_scale, frame_guidance_scale=FLAGS.frame_guidance_scale,
+                  reconstruction_guidance=FLAGS.reconstruction_guidance,
                   stochasticity=FLAGS.stochasticity, steps=FLAGS.steps,
                   time_shift=FLAGS.time_shift)
     print(json.dumps(result))

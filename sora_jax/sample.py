@@ -45,16 +45,19 @@ class Model:
 EDIT_METHODS = ('sdedit', 'flowedit')
 
 
-@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction', 'stochasticity', 'frame_guidance'))
+@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction', 'stochasticity', 'frame_guidance',
+                                   'reconstruction'))
 def _sample_latents(params, graphdef, noise, start, cond, null_cond, guidance_scale, time_shift, rng_b,
-                    given=None, frame_guidance_scale=1.0, *, num_steps: int, prediction: str,
-                    stochasticity: float, t_start=1.0, frame_guidance: bool = False):
+                    given=None, frame_guidance_scale=1.0, reconstruction_scale=0.0, *, num_steps: int,
+                    prediction: str, stochasticity: float, t_start=1.0, frame_guidance: bool = False,
+                    reconstruction: bool = False):
   """Latents [b, T, H, W, c] integrated from `start` (the noise, or for SDEdit the input at t_start).
 
   One batched call per step evaluates the guidance branches (`rf.guidance`): text and null caption,
   both seeing the given frames (`given`: `x` the clean latents, `mask_bt`), and with
   `frame_guidance` the null caption without them. The given frames follow their own path
-  (1 - t) x + t noise and come back exactly.
+  (1 - t) x + t noise and come back exactly. With `reconstruction`, reconstruction guidance
+  (`rf.reconstruction_correction`, one more forward and backward pass a step) of `reconstruction_scale`.
   """
   net = nnx.merge(graphdef, params)
   if given is None:
@@ -78,6 +81,14 @@ def _sample_latents(params, graphdef, noise, start, cond, null_cond, guidance_sc
     v = rf.to_velocity(net(xs, ts, **conds, **extra), xs, ts, prediction_type=prediction)
     v = jnp.split(v, len(branches))
     out = rf.guidance(v[0], v[1], guidance_scale, v[2] if frame_guidance else None, frame_guidance_scale)
+    if reconstruction:  # the clean estimate x - t v moves by -correction, so v by +correction / t
+      t = t_b.reshape((-1,) + (1,) * (x.ndim - 1))
+      x_path = fc.apply_to_input(x, (1 - t) * given['x'] + t * noise, given['mask_bt'])
+      no_frames = jnp.zeros_like(given['mask_bt'])
+      x0_fn = lambda z: z - t * rf.to_velocity(net(z, t_b, **cond, frame_mask_bt=no_frames), z, t_b,
+                                               prediction_type=prediction)
+      out = out + rf.reconstruction_correction(x0_fn, x_path, given['x'], given['mask_bt'], t_b,
+                                               reconstruction_scale) / jnp.maximum(t, 1e-6)
     if given is not None:  # given frames stay on their noising path
       out = fc.apply_to_input(out, noise - given['x'], given['mask_bt'])
     return out
@@ -169,7 +180,8 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
              guidance_scale: float | None = None, time_shift: float | None = None,
              stochasticity: float | None = None, negative_prompt: str | None = None,
              given=None, given_mask=None, frame_guidance_scale: float | None = None,
-             edit=None, strength: float | None = None, edit_method: str = 'sdedit',
+             reconstruction_guidance: float | None = None, edit=None, strength: float | None = None,
+             edit_method: str = 'sdedit',
              source_prompts: list | None = None, size: tuple[int, int, int] | None = None) -> np.ndarray:
   """uint8 videos [len(prompts), T, H, W, 3]; unset options come from `config.sample`.
 
@@ -181,7 +193,9 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   replaces the empty caption in the unconditional branch of guidance (see `conditioning`).
   Given frames (a frame-conditioned model): `given` uint8 [T, H, W, 3] (or one per prompt) of which
   the frames `given_mask` (bool [T]) are kept and the rest generated around them; they come back
-  unchanged (in pixel space exactly). `frame_guidance_scale` != 1 guides toward them separately.
+  unchanged (in pixel space exactly). `frame_guidance_scale` != 1 guides toward them separately;
+  `reconstruction_guidance` > 0 ties the generated frames' motion to theirs (`rf.reconstruction_correction`;
+  about twice the sampling time).
   Through a causal VAE a given frame conditions the latent frame that holds it (the first
   latent frame holds frame 0 alone; later ones 4 frames, whose other frames then come along).
   SDEdit: `edit` uint8 [T, H, W, 3] (or one per prompt) noised to level `strength` in (0, 1] and
@@ -198,6 +212,10 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   time_shift = cfg.sample.time_shift if time_shift is None else time_shift
   if frame_guidance_scale is None:
     frame_guidance_scale = cfg.sample.get('frame_guidance_scale', 1.0)
+  if reconstruction_guidance is None:
+    reconstruction_guidance = cfg.sample.get('reconstruction_guidance', 0.0)  # workdirs from before the option
+  if not reconstruction_guidance >= 0:
+    raise UsageError(f'reconstruction_guidance={reconstruction_guidance}: use a scale >= 0 (0: off)')
   if stochasticity is None:
     stochasticity = cfg.sample.get('stochasticity', 0.0)  # workdirs from before the option: 0
   if num_steps < 1:
@@ -249,9 +267,11 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
                                                      _pixels(given, b, frames, 'given')), pt),
                          mask_bt=jnp.broadcast_to(jnp.asarray(latent_mask), (b, shape[0])))
   latents = _sample_latents(model.params, model.graphdef, noise, start, cond, null_cond, guidance_scale, time_shift,
-                            rng_b, given_latents, frame_guidance_scale, num_steps=num_steps,
-                            prediction=cfg.objective.prediction, stochasticity=float(stochasticity),
-                            t_start=jnp.float32(t_start), frame_guidance=given is not None and frame_guidance_scale != 1.0)
+                            rng_b, given_latents, frame_guidance_scale, jnp.float32(reconstruction_guidance),
+                            num_steps=num_steps, prediction=cfg.objective.prediction,
+                            stochasticity=float(stochasticity), t_start=jnp.float32(t_start),
+                            frame_guidance=given is not None and frame_guidance_scale != 1.0,
+                            reconstruction=given is not None and reconstruction_guidance > 0)
   return _to_videos(model, latents, size)
 
 
@@ -390,6 +410,8 @@ def define_flags():
   flags.DEFINE_integer('width', None, 'Output width in pixels (default: the config\'s); the patch must divide it.')
   flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config; 1: none '
                      'beyond the text guidance).')
+  flags.DEFINE_float('reconstruction_guidance', None, 'Reconstruction guidance with given frames (default: '
+                     'config; 0: off): ties the generated motion to theirs, at about twice the sampling time.')
 
 
 def output_paths(out: str, count: int) -> list[str]:
@@ -427,6 +449,8 @@ def check_prompting_flags() -> None:
     raise UsageError('--edit_method and --source_prompt go with --edit')
   if FLAGS.source_prompt is not None and FLAGS.edit_method != 'flowedit':
     raise UsageError('--source_prompt goes with --edit_method=flowedit')
+  if FLAGS.reconstruction_guidance is not None and not FLAGS.reconstruction_guidance >= 0:
+    raise UsageError(f'--reconstruction_guidance={FLAGS.reconstruction_guidance}: use a scale >= 0 (0: off)')
   if FLAGS.edit and FLAGS.strength is not None and not 0 < FLAGS.strength <= 1:
     raise UsageError(f'--strength={FLAGS.strength}: use a noise level in (0, 1]')
   for name in ('frames', 'height', 'width'):
@@ -489,7 +513,7 @@ def main(argv):
     model = load(FLAGS.workdir, FLAGS.checkpoint_step, FLAGS.params)
     kw = dict(seed=FLAGS.seed, num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale,
               stochasticity=FLAGS.stochasticity, negative_prompt=FLAGS.negative_prompt,
-              frame_guidance_scale=FLAGS.frame_guidance_scale)
+              frame_guidance_scale=FLAGS.frame_guidance_scale, reconstruction_guidance=FLAGS.reconstruction_guidance)
     videos = run_prompting(model, FLAGS.prompt, keyframe_specs, **kw)
     for prompt, path, v in zip(FLAGS.prompt, paths, videos):
       try:

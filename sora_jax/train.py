@@ -57,6 +57,9 @@ def validate_config(config, num_devices: int, platform: str | None = None) -> di
                 'sample.stochasticity'):
     if not 0 <= _get(config, field) <= 1:
       raise UsageError(f'config.{field}={_get(config, field)!r}: must be in [0, 1]')
+  if not config.sample.get('reconstruction_guidance', 0.0) >= 0:
+    raise UsageError(f'config.sample.reconstruction_guidance={config.sample.reconstruction_guidance!r}: '
+                     'must be >= 0 (0: off)')
   if not config.optim.learning_rate > 0 or config.optim.warmup_steps < 0:
     raise UsageError(f'config.optim: learning_rate={config.optim.learning_rate!r} must be positive and '
                      f'warmup_steps={config.optim.warmup_steps!r} non-negative')

@@ -160,7 +160,7 @@ PROMPTS = ['a red circle moving right', 'a blue square moving up']
 
 
 def test_every_mode_returns_the_given_frames_unchanged(conditioned_workdir):
-  from sora_jax import sample
+  from sora_jax import UsageError, sample
   model = sample.load(conditioned_workdir)
   c = clip()
   kw = dict(num_steps=2)
@@ -176,6 +176,14 @@ def test_every_mode_returns_the_given_frames_unchanged(conditioned_workdir):
   assert v.shape[1] == 8 and (v[:, 0] == c[0]).all() and (v[:, 6] == c[6]).all()
   v, _ = prompting.edit(model, PROMPTS, c, strength=0.5, **kw)
   assert v.shape == (2, 8, 32, 32, 3)
+  # Reconstruction guidance changes the generated frames, never the given ones; the config's default is off.
+  plain, _ = prompting.extend(model, PROMPTS, c[:4], **kw)
+  assert model.config.sample.reconstruction_guidance == 0
+  guided, _ = prompting.extend(model, PROMPTS, c[:4], reconstruction_guidance=50.0, **kw)
+  assert (plain[:, :4] == c[:4]).all() and (guided[:, :4] == c[:4]).all()
+  assert not np.array_equal(plain[:, 4:], guided[:, 4:])
+  with pytest.raises(UsageError, match='reconstruction_guidance=-1'):
+    prompting.extend(model, PROMPTS, c[:4], reconstruction_guidance=-1.0, **kw)
   # The same seed and prompt give the same video whatever else is in the batch.
   one = prompting.keyframes(model, PROMPTS[:1], [(c[0], 0)], **kw)
   np.testing.assert_array_equal(one[0], prompting.keyframes(model, PROMPTS, [(c[0], 0)], **kw)[0])
@@ -285,7 +293,7 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
   runs = [
       common + [out('kf.gif'), f'--keyframe={tmp_path}/first.png@0', f'--keyframe={tmp_path}/last.png@-1',
                 '--frames=12', '--loop', '--frame_guidance_scale=2'],
-      common + [out('ext.gif'), f'--extend={tmp_path}/clip.gif', '--frames=10'],
+      common + [out('ext.gif'), f'--extend={tmp_path}/clip.gif', '--frames=10', '--reconstruction_guidance=15'],
       common + [out('back.gif'), f'--extend_backward={tmp_path}/clip.gif'],
       common + [out('edit.gif'), f'--edit={tmp_path}/clip.gif', '--strength=0.7'],
       common + [out('x.gif'), f'--keyframe={tmp_path}/nothing.png@0'],
@@ -302,6 +310,7 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
                 '--source_prompt=a blue circle moving right'],
       common + [out('x.gif'), f'--edit={tmp_path}/clip.gif', '--source_prompt=a blue circle moving right'],
       common + [out('x.gif'), '--edit_method=flowedit'],
+      common + [out('x.gif'), f'--extend={tmp_path}/clip.gif', '--reconstruction_guidance=-1'],
   ]
   result = subprocess.run([sys.executable, '-c', CLI_DRIVER, json.dumps(runs)], cwd=os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), env=subprocess_env(1), capture_output=True, text=True, timeout=600)
@@ -331,6 +340,7 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
   assert codes[13] == 'ok' and video.read(str(tmp_path / 'flowedit.gif')).shape == (8, 32, 32, 3)
   assert '--source_prompt goes with --edit_method=flowedit' in codes[14]
   assert '--edit_method and --source_prompt go with --edit' in codes[15]
+  assert '--reconstruction_guidance=-1.0: use a scale >= 0' in codes[16]
   assert all('\n' not in code for code in codes)
 
 

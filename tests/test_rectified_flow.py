@@ -106,3 +106,23 @@ def test_flow_edit_carries_a_point_source_to_a_point_target_exactly_whatever_the
   same = lambda z_tar, z_src, t_b: ((z_tar - a) / t_b[:, None], (z_src - a) / t_b[:, None])  # noqa: E731
   np.testing.assert_allclose(rf.flow_edit(same, a, num_steps=5, t_start=0.8, rng=jax.random.split(jax.random.key(0), 1)),
                              a, atol=1e-5)
+
+
+def test_reconstruction_correction_is_the_scaled_gradient_of_the_given_frames_redraw_error():
+  # A linear "model" that mixes frames, x0 = A x along time: the gradient of ||m (A x - g)||^2 is
+  # 2 A^T m (A x - g), scaled by scale (1 - t); generated frames move only through the mixing.
+  b, T = 2, 4
+  A = jax.random.normal(jax.random.key(0), (T, T))
+  x = jax.random.normal(jax.random.key(1), (b, T, 3, 3, 2))
+  g = jax.random.normal(jax.random.key(2), (b, T, 3, 3, 2))
+  mask_bt = jnp.array([[True, True, False, False], [False, False, True, True]])
+  t_b = jnp.array([0.25, 0.75])
+  x0_fn = lambda x: jnp.einsum('st,bt...->bs...', A, x)  # noqa: E731
+  got = rf.reconstruction_correction(x0_fn, x, g, mask_bt, t_b, 3.0)
+  m = mask_bt[:, :, None, None, None]
+  expected = 2 * jnp.einsum('st,bs...->bt...', A, m * (x0_fn(x) - g)) * (3.0 * (1 - t_b))[:, None, None, None, None]
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+  # A model that never mixes frames gives generated frames no correction; at t = 1 nothing moves.
+  local = rf.reconstruction_correction(lambda x: 2 * x, x, g, mask_bt, t_b, 3.0)
+  assert float(jnp.abs(jnp.where(m, 0.0, local)).max()) == 0.0 and float(jnp.abs(local).max()) > 0
+  assert float(jnp.abs(rf.reconstruction_correction(x0_fn, x, g, mask_bt, jnp.ones(2), 3.0)).max()) == 0.0

@@ -149,6 +149,7 @@ def test_checkpoint_round_trip_restores_every_array(tiny_config, tmp_path):
     ('grad_accum_steps', 3, 'config.grad_accum_steps=3'),
     ('model.remat', 'some', "config.model.remat='some'"),
     ('model.text_embedding_std', 0.0, 'config.model.text_embedding_std=0.0: must be positive'),
+    ('sample.reconstruction_guidance', -1.0, 'config.sample.reconstruction_guidance=-1.0: must be >= 0'),
     ('mesh.tensor', 3, 'config.mesh'),
     ('model.patch', (3, 8, 8), 'config.data.frames=8'),
     ('model.num_heads', 5, 'config.model.num_heads=5'),

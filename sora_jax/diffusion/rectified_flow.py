@@ -190,6 +190,21 @@ def flow_edit(velocity_fn: Callable, x_src, *, num_steps: int, t_start: float, r
   return z
 
 
+def reconstruction_correction(x0_fn: Callable, x_t, x_given, mask_bt, t_b, scale):
+  """Reconstruction guidance (Ho et al., 2022, "Video Diffusion Models"): what to subtract from the
+  clean estimate of the generated frames, scale (1 - t) grad_x ||x0_fn(x_t) - x_given||^2 over the given frames.
+
+  x0_fn(x_t) -> the clean estimate of the whole clip [b, T, ...] from x_t, whose given frames
+  (`mask_bt` bool [b, T]) are on their noising path: the model is not shown them clean, so it
+  redraws them from the whole clip. The gradient says how the generated frames must change for that
+  redraw to match `x_given`, which ties their motion to the given frames'. (1 - t): weak at high
+  noise, where the estimate is a blur.
+  """
+  m = mask_bt.reshape(mask_bt.shape + (1,) * (x_t.ndim - 2)).astype(x_t.dtype)
+  grad = jax.grad(lambda x: jnp.sum(m * (x0_fn(x) - x_given) ** 2))(x_t)
+  return scale * (1 - t_b).reshape((-1,) + (1,) * (x_t.ndim - 1)) * grad
+
+
 def guidance(v_text, v_null, scale: float, v_no_frames=None, frame_scale: float = 1.0):
   """Classifier-free guidance from the velocities of the guidance branches.
 
