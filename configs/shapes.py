@@ -18,8 +18,10 @@ Right per prompting mode (100 unseen rendered inputs each): image-to-video 1.00 
 1.00, interpolation 0.96 / 1.00, extension 0.64 / 0.61, backward extension 0.58 / 0.58 (speed is
 the weak spot: the model barely reads it off the given frames, experiments/extension_probe.py), SDEdit to another color 0.72 / 0.77
 (--strength=0.7 --guidance_scale=3); FlowEdit (--edit_method=flowedit, December 2026, a model retrained then)
-0.80-0.89 where SDEdit gave 0.64-0.68. With learning rate 1e-3 (the default before): shape 0.75, FVD
-23.0, extension 0.58, backward 0.54, SDEdit 0.83.
+0.80-0.89 where SDEdit gave 0.64-0.68; reconstruction guidance (--reconstruction_guidance=15, off by default)
+extension 0.63 and backward 0.59 against 0.58 / 0.53, interpolation 0.88 against 0.97 (a model retrained
+2026-12-07). With learning rate 1e-3 (the default before): shape 0.75, FVD 23.0, extension 0.58, backward 0.54,
+SDEdit 0.83.
 
 Variants (comma-separated after the colon): `tiny`, a seconds-long smoke run (tests use it);
 `30M`, a 30M-parameter model on 16 x 64 x 64 clips (512 tokens per clip), for CPU benchmarks;
