@@ -83,7 +83,7 @@ def _sample_latents(params, graphdef, noise, start, cond, null_cond, guidance_sc
     out = rf.guidance(v[0], v[1], guidance_scale, v[2] if frame_guidance else None, frame_guidance_scale)
     if reconstruction:  # the clean estimate x - t v moves by -correction, so v by +correction / t
       t = t_b.reshape((-1,) + (1,) * (x.ndim - 1))
-      x_path = fc.apply_to_input(x, (1 - t) * given['x'] + t * noise, given['mask_bt'])
+      x_path = fc.apply_to_input(x, rf.interpolate(given['x'], noise, t_b), given['mask_bt'])
       no_frames = jnp.zeros_like(given['mask_bt'])
       x0_fn = lambda z: z - t * rf.to_velocity(net(z, t_b, **cond, frame_mask_bt=no_frames), z, t_b,
                                                prediction_type=prediction)
