@@ -18,7 +18,8 @@ Right per prompting mode (100 unseen rendered inputs each): image-to-video 1.00 
 1.00, interpolation 0.96 / 1.00, extension 0.64 / 0.61, backward extension 0.58 / 0.58 (speed is
 the weak spot: the model barely reads it off the given frames, experiments/extension_probe.py), SDEdit to another color 0.72 / 0.77
 (--strength=0.7 --guidance_scale=3); FlowEdit (--edit_method=flowedit, December 2026, a model retrained then)
-0.80-0.89 where SDEdit gave 0.64-0.68; reconstruction guidance (--reconstruction_guidance=15, off by default)
+0.80-0.89 where SDEdit gave 0.64-0.68 with one noise a step, 0.82-0.96 with the 4 it now averages (0.77-0.91
+with one, the same model and cases); reconstruction guidance (--reconstruction_guidance=15, off by default)
 extension 0.63 and backward 0.59 against 0.58 / 0.53, interpolation 0.88 against 0.97 (a model retrained
 2026-12-07). With learning rate 1e-3 (the default before): shape 0.75, FVD 23.0, extension 0.58, backward 0.54,
 SDEdit 0.83.

@@ -13,8 +13,9 @@ Inputs are clips rendered here (`shapes.render_clip`, attributes, start and spee
                   <= --max_error_px) in the clip's color;
   extend_backward given frames [T/2, T): the frames before follow the true path, likewise;
   interpolate     given the first and last frames: the frames between follow the true path;
-  edit            SDEdit (or --edit_method=flowedit) of the clip at --strength to a caption of another
-                  color: that color, and the clip's path (centroid error <= --max_error_px).
+  edit            SDEdit (or --edit_method=flowedit, averaging --flowedit_noise_draws noises a step) of the
+                  clip at --strength to a caption of another color: that color, and the clip's path
+                  (centroid error <= --max_error_px).
   `*_error_px`: the median path error (image_to_video: distance from a straight line);
   `*_speed_ratio` (extend, extend_backward): the median speed of the generated frames over the true
   speed (centroid velocity fitted over those frames; < 1: the model slows the object down);
@@ -42,6 +43,8 @@ flags.DEFINE_integer('batch', 50, 'Cases per sampling call.')
 flags.DEFINE_float('strength', None, 'Noise level of the edit mode (default: 0.7 for sdedit, 0.85 for flowedit).')
 flags.DEFINE_enum('edit_method', 'sdedit', ('sdedit', 'flowedit'), 'How the edit mode edits (sample.generate); '
                   "flowedit is given the clip's caption as its source prompt.")
+flags.DEFINE_integer('flowedit_noise_draws', None, 'With --edit_method=flowedit: noises averaged a step '
+                     '(default: sample.FLOWEDIT_NOISE_DRAWS).')
 flags.DEFINE_float('max_error_px', 1.5, 'Largest mean centroid error (pixels) of a right path.')
 flags.DEFINE_float('guidance_scale', None, 'Text guidance scale (default: config; edits: sample.edit_settings).')
 flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config).')
@@ -125,9 +128,11 @@ def main(argv):
             color, shape, direction = shapes.parse_caption(c['caption'])
             other = [x for x in colors if x != color]
             prompts.append(shapes.caption(other[int(rng.integers(len(other)))], shape, direction))
-          source = [c['caption'] for c in cases] if FLAGS.edit_method == 'flowedit' else None
+          flowedit = FLAGS.edit_method == 'flowedit'
+          source = [c['caption'] for c in cases] if flowedit else None
+          draws = dict(flowedit_noise_draws=FLAGS.flowedit_noise_draws) if flowedit else {}
           videos = sample.generate(model, prompts, edit=clips, strength=strength, seed=seed,
-                                   edit_method=FLAGS.edit_method, source_prompts=source, **kw)
+                                   edit_method=FLAGS.edit_method, source_prompts=source, **draws, **kw)
           errs = [adherence.path_error(v, c, np.ones(T, bool)) for v, c in zip(videos, clips)]
           errors.extend(errs)
           judged = [e <= FLAGS.max_error_px and adherence.judge_color(v) == shapes.parse_caption(p)[0]
@@ -148,6 +153,8 @@ def main(argv):
           result[f'{mode}_speed_slope'] = round(float(np.polyfit(true, generated, 1)[0]), 3)
     result.update(exact_given=all(exact), seconds=round(time.time() - start, 1), strength=strength,
                   edit_method=FLAGS.edit_method, edit_guidance_scale=edit_guidance,
+                  flowedit_noise_draws=(FLAGS.flowedit_noise_draws or sample.FLOWEDIT_NOISE_DRAWS
+                                        if FLAGS.edit_method == 'flowedit' else None),
                   guidance_scale=FLAGS.guidance_scale, frame_guidance_scale=FLAGS.frame_guidance_scale,
                   reconstruction_guidance=FLAGS.reconstruction_guidance,
                   stochasticity=FLAGS.stochasticity, steps=FLAGS.steps,

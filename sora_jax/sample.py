@@ -98,11 +98,12 @@ def _sample_latents(params, graphdef, noise, start, cond, null_cond, guidance_sc
   return x if given is None else fc.apply_to_input(x, given['x'], given['mask_bt'])
 
 
-@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction'))
+@partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'prediction', 'noise_draws'))
 def _flow_edit_latents(params, graphdef, x_src, cond, null_cond, source_cond, guidance_scale, time_shift, rng_b,
-                       t_start, *, num_steps: int, prediction: str):
+                       t_start, *, num_steps: int, prediction: str, noise_draws: int):
   """FlowEdit of the latents x_src [b, T, H, W, c] (`rf.flow_edit`): the target velocity guided
-  toward `cond` (against `null_cond`), the source velocity under `source_cond`, one batched call a step."""
+  toward `cond` (against `null_cond`), the source velocity under `source_cond`, one batched call a
+  step and noise draw."""
   net = nnx.merge(graphdef, params)
   conds = jax.tree.map(lambda *a: jnp.concatenate(a), cond, null_cond, source_cond)
 
@@ -111,7 +112,8 @@ def _flow_edit_latents(params, graphdef, x_src, cond, null_cond, source_cond, gu
     v_text, v_null, v_src = jnp.split(rf.to_velocity(net(xs, ts, **conds), xs, ts, prediction_type=prediction), 3)
     return rf.guidance(v_text, v_null, guidance_scale), v_src
 
-  return rf.flow_edit(velocities, x_src, num_steps=num_steps, t_start=t_start, shift=time_shift, rng=rng_b)
+  return rf.flow_edit(velocities, x_src, num_steps=num_steps, t_start=t_start, shift=time_shift, rng=rng_b,
+                      noise_draws=noise_draws)
 
 
 def check_size(config, autoencoder, frames: int, height: int, width: int,
@@ -181,8 +183,8 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
              stochasticity: float | None = None, negative_prompt: str | None = None,
              given=None, given_mask=None, frame_guidance_scale: float | None = None,
              reconstruction_guidance: float | None = None, edit=None, strength: float | None = None,
-             edit_method: str = 'sdedit',
-             source_prompts: list | None = None, size: tuple[int, int, int] | None = None) -> np.ndarray:
+             edit_method: str = 'sdedit', source_prompts: list | None = None,
+             flowedit_noise_draws: int | None = None, size: tuple[int, int, int] | None = None) -> np.ndarray:
   """uint8 videos [len(prompts), T, H, W, 3]; unset options come from `config.sample`.
 
   `size` (frames, height, width): any size the autoencoder and patch divide, up to
@@ -201,8 +203,9 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   SDEdit: `edit` uint8 [T, H, W, 3] (or one per prompt) noised to level `strength` in (0, 1] and
   denoised from there. `edit_method='flowedit'`: FlowEdit from `strength` instead (`rf.flow_edit`;
   keeps motion and layout better at the noise levels that change color), with `source_prompts`
-  describing the input video (None: the empty caption). An edit's unset strength and guidance are
-  `edit_settings`'s. Higher-level modes are in `sora_jax.prompting`.
+  describing the input video (None: the empty caption), averaging `flowedit_noise_draws` noises a step
+  (None: `FLOWEDIT_NOISE_DRAWS`). An edit's unset strength and guidance are `edit_settings`'s.
+  Higher-level modes are in `sora_jax.prompting`.
   """
   cfg = model.config
   num_steps = num_steps or cfg.sample.num_steps
@@ -247,13 +250,16 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
       raise UsageError('edit_method="flowedit" takes no given frames (SDEdit does)')
     if source_prompts is not None and len(source_prompts) != b:
       raise UsageError(f'{len(source_prompts)} source prompts for {b} prompts: give one per prompt')
+    draws = FLOWEDIT_NOISE_DRAWS if flowedit_noise_draws is None else flowedit_noise_draws
+    if not (isinstance(draws, (int, np.integer)) and draws >= 1):
+      raise UsageError(f'flowedit_noise_draws={draws!r}: use a whole number >= 1')
     source = conditioning(cfg, list(source_prompts or prompts), model.text_encoder)[0 if source_prompts else 1]
     latents = _flow_edit_latents(model.params, model.graphdef, x_edit, cond, null_cond, source, guidance_scale,
                                  time_shift, rng_b, jnp.float32(t_start), num_steps=num_steps,
-                                 prediction=cfg.objective.prediction)
+                                 prediction=cfg.objective.prediction, noise_draws=int(draws))
     return _to_videos(model, latents, size)
-  if source_prompts is not None:
-    raise UsageError('source_prompts go with edit_method="flowedit"')
+  if source_prompts is not None or flowedit_noise_draws is not None:
+    raise UsageError('source_prompts and flowedit_noise_draws go with edit_method="flowedit"')
   if given is not None:
     if not cfg.model.get('frame_conditioning', False):
       raise UsageError('this model was trained without frame conditioning (config.model.frame_conditioning): '
@@ -328,6 +334,7 @@ PARAMS = ('ema', 'raw')
 # text-to-video): the best of those measured on `shapes` (README, "Prompting").
 EDIT_STRENGTH = dict(sdedit=0.7, flowedit=0.85)
 EDIT_GUIDANCE = 3.0
+FLOWEDIT_NOISE_DRAWS = 4  # noises averaged a FlowEdit step (rf.flow_edit): steadier color changes, 4x the calls
 
 
 def edit_settings(edit_method: str, strength: float | None, guidance_scale: float | None) -> tuple[float, float]:
@@ -403,6 +410,8 @@ def define_flags():
                     'it with the prompt; flowedit: FlowEdit from --strength (keeps paths better when colors change).')
   flags.DEFINE_string('source_prompt', None, 'With --edit_method=flowedit: what the edited video shows '
                       '(default: the empty caption).')
+  flags.DEFINE_integer('flowedit_noise_draws', None, 'With --edit_method=flowedit: noises averaged a step '
+                       f'(default {FLOWEDIT_NOISE_DRAWS}; 1: the paper\'s default, fastest).')
   flags.DEFINE_bool('loop', False, 'Make the last frame lead back into the first.')
   flags.DEFINE_integer('frames', None, 'Output frames (default: the training length); longer outputs are '
                        'made window by window, each given the last half of the previous one; 1: an image.')
@@ -449,6 +458,10 @@ def check_prompting_flags() -> None:
     raise UsageError('--edit_method and --source_prompt go with --edit')
   if FLAGS.source_prompt is not None and FLAGS.edit_method != 'flowedit':
     raise UsageError('--source_prompt goes with --edit_method=flowedit')
+  if FLAGS.flowedit_noise_draws is not None and FLAGS.edit_method != 'flowedit':
+    raise UsageError('--flowedit_noise_draws goes with --edit_method=flowedit')
+  if FLAGS.flowedit_noise_draws is not None and FLAGS.flowedit_noise_draws < 1:
+    raise UsageError(f'--flowedit_noise_draws={FLAGS.flowedit_noise_draws}: use a whole number >= 1')
   if FLAGS.reconstruction_guidance is not None and not FLAGS.reconstruction_guidance >= 0:
     raise UsageError(f'--reconstruction_guidance={FLAGS.reconstruction_guidance}: use a scale >= 0 (0: off)')
   if FLAGS.edit and FLAGS.strength is not None and not 0 < FLAGS.strength <= 1:
@@ -475,7 +488,8 @@ def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np
   if FLAGS.edit:
     source = None if FLAGS.source_prompt is None else [FLAGS.source_prompt] * len(prompts)
     videos, note = prompting.edit(model, prompts, read(prompting.read_video, FLAGS.edit), strength=FLAGS.strength,
-                                  edit_method=FLAGS.edit_method, source_prompts=source, **kw)
+                                  edit_method=FLAGS.edit_method, source_prompts=source,
+                                  flowedit_noise_draws=FLAGS.flowedit_noise_draws, **kw)
     if note:
       print(note)
   else:

@@ -207,18 +207,26 @@ def test_flowedit_to_the_source_prompt_unguided_returns_the_input_and_a_guided_e
   model = sample.load(conditioned_workdir)
   c = clip()
   kw = dict(edit=c, strength=0.85, num_steps=3, seed=2, edit_method='flowedit')
-  same = sample.generate(model, PROMPTS, guidance_scale=1.0, source_prompts=PROMPTS, **kw)
   # Both velocities are the network's under the same caption at the same point (up to float rounding), so
-  # no step moves the clip: it comes back unchanged in uint8.
-  np.testing.assert_array_equal(same, np.broadcast_to(c, same.shape))
+  # no step moves the clip, however many noises a step averages: it comes back unchanged in uint8.
+  for draws in (1, 3):
+    same = sample.generate(model, PROMPTS, guidance_scale=1.0, source_prompts=PROMPTS, flowedit_noise_draws=draws,
+                           **kw)
+    np.testing.assert_array_equal(same, np.broadcast_to(c, same.shape))
   changed = sample.generate(model, PROMPTS, guidance_scale=4.0, source_prompts=[''] * 2, **kw)
   assert not np.array_equal(changed, same)
+  single = sample.generate(model, PROMPTS, guidance_scale=4.0, source_prompts=[''] * 2, flowedit_noise_draws=1, **kw)
+  assert not np.array_equal(changed, single)  # the default averages several noises a step
+  for draws in (0, 1.5):
+    with pytest.raises(UsageError, match=f'flowedit_noise_draws={draws}: use a whole number >= 1'):
+      sample.generate(model, PROMPTS, flowedit_noise_draws=draws, **kw)
   with pytest.raises(UsageError, match='1 source prompts for 2 prompts'):
     sample.generate(model, PROMPTS, source_prompts=PROMPTS[:1], **kw)
   with pytest.raises(UsageError, match='edit_method='):
     sample.generate(model, PROMPTS, **{**kw, 'edit_method': 'inversion'})
-  with pytest.raises(UsageError, match='source_prompts go with edit_method="flowedit"'):
-    sample.generate(model, PROMPTS, edit=c, strength=0.5, source_prompts=PROMPTS)
+  for bad in (dict(source_prompts=PROMPTS), dict(flowedit_noise_draws=2)):
+    with pytest.raises(UsageError, match='source_prompts and flowedit_noise_draws go with edit_method="flowedit"'):
+      sample.generate(model, PROMPTS, edit=c, strength=0.5, **bad)
 
 
 def test_bad_inputs_are_one_line_errors(conditioned_workdir, tmp_path):
@@ -307,10 +315,12 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
       common + [out('x.png')],
       common + [out('x.gif'), '--height=512', '--width=512'],
       common + [out('flowedit.gif'), f'--edit={tmp_path}/clip.gif', '--edit_method=flowedit',
-                '--source_prompt=a blue circle moving right'],
+                '--source_prompt=a blue circle moving right', '--flowedit_noise_draws=2'],
       common + [out('x.gif'), f'--edit={tmp_path}/clip.gif', '--source_prompt=a blue circle moving right'],
       common + [out('x.gif'), '--edit_method=flowedit'],
       common + [out('x.gif'), f'--extend={tmp_path}/clip.gif', '--reconstruction_guidance=-1'],
+      common + [out('x.gif'), f'--edit={tmp_path}/clip.gif', '--flowedit_noise_draws=2'],
+      common + [out('x.gif'), f'--edit={tmp_path}/clip.gif', '--edit_method=flowedit', '--flowedit_noise_draws=0'],
   ]
   result = subprocess.run([sys.executable, '-c', CLI_DRIVER, json.dumps(runs)], cwd=os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), env=subprocess_env(1), capture_output=True, text=True, timeout=600)
@@ -341,12 +351,14 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
   assert '--source_prompt goes with --edit_method=flowedit' in codes[14]
   assert '--edit_method and --source_prompt go with --edit' in codes[15]
   assert '--reconstruction_guidance=-1.0: use a scale >= 0' in codes[16]
+  assert '--flowedit_noise_draws goes with --edit_method=flowedit' in codes[17]
+  assert '--flowedit_noise_draws=0: use a whole number >= 1' in codes[18]
   assert all('\n' not in code for code in codes)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('args', [['--modes=image_to_video,extend,extend_backward,interpolate,edit'],
-                                  ['--modes=edit', '--edit_method=flowedit']])
+                                  ['--modes=edit', '--edit_method=flowedit', '--flowedit_noise_draws=2']])
 def test_eval_prompting_scores_every_mode_and_edit_method(conditioned_workdir, args):
   import json
   import os
@@ -362,8 +374,8 @@ def test_eval_prompting_scores_every_mode_and_edit_method(conditioned_workdir, a
   modes = args[0].split('=')[1].split(',')
   assert all(0 <= r[m] <= 1 for m in modes) and r['exact_given'] and r['cases'] == 2
   flowedit = 'flowedit' in ' '.join(args)
-  assert (r['edit_method'], r['strength'], r['edit_guidance_scale']) == (
-      ('flowedit', 0.85, 3.0) if flowedit else ('sdedit', 0.7, 3.0))
+  assert (r['edit_method'], r['strength'], r['edit_guidance_scale'], r['flowedit_noise_draws']) == (
+      ('flowedit', 0.85, 3.0, 2) if flowedit else ('sdedit', 0.7, 3.0, None))
 
 
 def test_sampling_at_another_size_gives_exactly_that_size_and_the_default_is_the_config(conditioned_workdir):

@@ -108,6 +108,21 @@ def test_flow_edit_carries_a_point_source_to_a_point_target_exactly_whatever_the
                              a, atol=1e-5)
 
 
+def test_flow_edit_averages_its_noise_draws_so_the_edit_varies_less():
+  # A velocity difference that is the noise itself (v_tar - v_src = n): each step moves the edit by
+  # dt times the mean of its draws, so the spread over samples shrinks as 1 / sqrt(draws).
+  x = jnp.zeros((2000, 1))
+  noisy = lambda z_tar, z_src, t_b: (z_src / t_b[:, None], 0.0 * z_src)  # noqa: E731
+  rng = jax.random.split(jax.random.key(0), 2000)
+  spread = {d: float(jnp.std(rf.flow_edit(noisy, x, num_steps=4, t_start=1.0, rng=rng, noise_draws=d)))
+            for d in (1, 4)}
+  assert abs(spread[1] - 0.5) < 0.03 and abs(spread[4] / spread[1] - 0.5) < 0.06, spread  # 4 steps of 0.25
+  # One draw a step is the single-draw FlowEdit, noise for noise: key i at step i.
+  one = rf.flow_edit(noisy, x[:3], num_steps=4, t_start=1.0, rng=rng[:3], noise_draws=1)
+  by_hand = sum(-0.25 * jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), (1,)))(rng[:3]) for i in range(4))
+  np.testing.assert_allclose(one, by_hand, atol=1e-6)
+
+
 def test_reconstruction_correction_is_the_scaled_gradient_of_the_given_frames_redraw_error():
   # A linear "model" that mixes frames, x0 = A x along time: the gradient of ||m (A x - g)||^2 is
   # 2 A^T m (A x - g), scaled by scale (1 - t); generated frames move only through the mixing.

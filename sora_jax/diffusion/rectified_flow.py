@@ -166,7 +166,8 @@ def sample(velocity_fn: Callable, noise, *, num_steps: int, shift: float = 1.0, 
   return x
 
 
-def flow_edit(velocity_fn: Callable, x_src, *, num_steps: int, t_start: float, rng, shift: float = 1.0):
+def flow_edit(velocity_fn: Callable, x_src, *, num_steps: int, t_start: float, rng, shift: float = 1.0,
+              noise_draws: int = 1):
   """FlowEdit (Kulikov et al., 2024): x_src carried to the target condition without inversion.
 
   velocity_fn(z_tar, z_src, t_b) -> (v_tar, v_src), the velocities under the target and the
@@ -175,16 +176,21 @@ def flow_edit(velocity_fn: Callable, x_src, *, num_steps: int, t_start: float, r
   by the difference v_tar - v_src. What both conditions agree on (layout, motion) cancels, so it
   stays; where the source is exactly the target's mode nothing moves. Starts at z = x_src and
   t_start (how much may change, as SDEdit's strength), ends at t = 0 on the same time grid as `sample`.
-  rng: a key per sample [b], so a sample's noise ignores its batch.
+  `noise_draws` (the paper's n_avg): that many noises a step, their differences averaged; a steadier
+  edit for that many model calls. rng: a key per sample [b], so a sample's noise ignores its batch.
   """
   ts = shift_time(jnp.linspace(t_start, 0.0, num_steps + 1), shift)
 
   def step(z, inputs):
     i, t_now, t_next = inputs
-    n = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x_src.shape[1:], x_src.dtype))(rng)
-    z_src = (1 - t_now) * x_src + t_now * n
-    v_tar, v_src = velocity_fn(z + z_src - x_src, z_src, jnp.full((x_src.shape[0],), t_now))
-    return z + (t_next - t_now) * (v_tar - v_src), None
+    dv = 0.0
+    for j in range(noise_draws):  # key i * noise_draws + j: one draw a step is the single-draw FlowEdit
+      n = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i * noise_draws + j), x_src.shape[1:],
+                                               x_src.dtype))(rng)
+      z_src = (1 - t_now) * x_src + t_now * n
+      v_tar, v_src = velocity_fn(z + z_src - x_src, z_src, jnp.full((x_src.shape[0],), t_now))
+      dv = dv + (v_tar - v_src) / noise_draws
+    return z + (t_next - t_now) * dv, None
 
   z, _ = jax.lax.scan(step, x_src, (jnp.arange(num_steps), ts[:-1], ts[1:]))
   return z
