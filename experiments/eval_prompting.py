@@ -70,6 +70,8 @@ def main(argv):
   try:
     if not FLAGS.workdir:
       raise UsageError('--workdir is required')
+    if FLAGS.flowedit_noise_draws is not None and FLAGS.edit_method != 'flowedit':
+      raise UsageError('--flowedit_noise_draws goes with --edit_method=flowedit')
     modes = FLAGS.modes.split(',')
     if set(modes) - set(MODES):
       raise UsageError(f'--modes: unknown {sorted(set(modes) - set(MODES))}; use {MODES}')

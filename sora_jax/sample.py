@@ -411,7 +411,7 @@ def define_flags():
   flags.DEFINE_string('source_prompt', None, 'With --edit_method=flowedit: what the edited video shows '
                       '(default: the empty caption).')
   flags.DEFINE_integer('flowedit_noise_draws', None, 'With --edit_method=flowedit: noises averaged a step '
-                       f'(default {FLOWEDIT_NOISE_DRAWS}; 1: the paper\'s default, fastest).')
+                       f'(default {FLOWEDIT_NOISE_DRAWS}; 1: one a step, the fastest).')
   flags.DEFINE_bool('loop', False, 'Make the last frame lead back into the first.')
   flags.DEFINE_integer('frames', None, 'Output frames (default: the training length); longer outputs are '
                        'made window by window, each given the last half of the previous one; 1: an image.')
