@@ -24,19 +24,32 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' {TEST_XLA_FLAGS}
                            '--xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One persistent compilation cache for the session's workers and the subprocesses they start: many
-# tests compile the same tiny train step. A fresh folder per session, so no stale entries.
+# tests compile the same tiny train step. A fresh folder per session, so no stale entries, removed
+# when the session ends (by the process that made it: xdist's workers inherit it).
+_OWN_CACHES = []
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   import tempfile  # noqa: E402
   os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(
       tempfile.gettempdir(), f'sora_jax_test_cache_{os.environ.get("PYTEST_XDIST_TESTRUNUID", os.getpid())}')
+  _OWN_CACHES.append(os.environ['JAX_COMPILATION_CACHE_DIR'])
 
 # The shapes classifier (FVD features, learned judge) trains on first use: into this session's own
 # cache, never the user's ~/.cache, and shorter (the tests need a working judge, not the best one).
 if 'SORA_JAX_CACHE' not in os.environ:
   os.environ['SORA_JAX_CACHE'] = os.environ['JAX_COMPILATION_CACHE_DIR'] + '_classifiers'
+  _OWN_CACHES.append(os.environ['SORA_JAX_CACHE'])
 os.environ.setdefault('SORA_JAX_CLASSIFIER_STEPS', '150')
 
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """Removes the caches this session made (tens of MB a run in the temp folder otherwise)."""
+  del exitstatus
+  if not hasattr(session.config, 'workerinput'):  # the controller, after its workers are done
+    import shutil
+    for path in _OWN_CACHES:
+      shutil.rmtree(path, ignore_errors=True)
 
 
 def subprocess_env(devices: int, **extra) -> dict:
