@@ -10,8 +10,9 @@ each of `--fixed_sizes` (as many clips as fit in 2048 tokens: 16 of 16 x 32 x 32
 same model, feeds each the batches its own pipeline makes, and times the steps in turn (each timing one
 step, blocked until done) so that the machine's drift falls on all alike. Prints one JSON line: median
 and fastest seconds per step, real (non-padding) patch tokens per step and per second of each, and
-packed / fixed by either, per fixed size. Step times on a shared 2-core VM wander by ~10% from run to
-run: compare ratios, and several runs.
+packed / fixed by either, per fixed size, and by the median over steps of each packed step against the
+fixed step timed next to it (`packed_over_fixed_paired`: the least moved by the machine's drift).
+Step times on a shared 2-core VM wander by ~10% from run to run: compare ratios, and several runs.
 """
 
 import copy
@@ -153,6 +154,12 @@ def main(argv):
   # real tokens/s of packed over the others, by median step times and by the fastest step of each
   result['packed_over_fixed'] = {label(name): round(ratio(name, 'step_time_s'), 3) for name in others}
   result['packed_over_fixed_by_min'] = {label(name): round(ratio(name, 'min_step_time_s'), 3) for name in others}
+  # Step by step: each packed step against the fixed step timed right after it, so slow spells of a
+  # shared machine fall on both sides of each ratio; the median over the steps.
+  packed_times = np.array(times['packed'])
+  result['packed_over_fixed_paired'] = {
+      label(name): round(float(np.median(np.array(times[name]) / packed_times)) * result['packed']['real_tokens_per_step']
+                         / result[name]['real_tokens_per_step'], 3) for name in others}
   result['steps'] = FLAGS.steps
   print(json.dumps(result))
 
