@@ -103,11 +103,12 @@ def _flow_edit_latents(params, graphdef, x_src, cond, null_cond, source_cond, gu
                        t_start, *, num_steps: int, prediction: str, noise_draws: int):
   """FlowEdit of the latents x_src [b, T, H, W, c] (`rf.flow_edit`): the target velocity guided
   toward `cond` (against `null_cond`), the source velocity under `source_cond`, one batched call a
-  step and noise draw."""
+  step for all its noise draws."""
   net = nnx.merge(graphdef, params)
-  conds = jax.tree.map(lambda *a: jnp.concatenate(a), cond, null_cond, source_cond)
 
-  def velocities(z_tar, z_src, t_b):
+  def velocities(z_tar, z_src, t_b):  # z: the noise draws' batches one after another
+    draws = z_tar.shape[0] // x_src.shape[0]
+    conds = jax.tree.map(lambda *a: jnp.concatenate([c for c in a for _ in range(draws)]), cond, null_cond, source_cond)
     xs, ts = jnp.concatenate([z_tar, z_tar, z_src]), jnp.concatenate([t_b] * 3)
     v_text, v_null, v_src = jnp.split(rf.to_velocity(net(xs, ts, **conds), xs, ts, prediction_type=prediction), 3)
     return rf.guidance(v_text, v_null, guidance_scale), v_src

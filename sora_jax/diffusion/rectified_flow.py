@@ -183,13 +183,14 @@ def flow_edit(velocity_fn: Callable, x_src, *, num_steps: int, t_start: float, r
 
   def step(z, inputs):
     i, t_now, t_next = inputs
-    dv = 0.0
-    for j in range(noise_draws):  # key i * noise_draws + j: one draw a step is the single-draw FlowEdit
-      n = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i * noise_draws + j), x_src.shape[1:],
-                                               x_src.dtype))(rng)
-      z_src = (1 - t_now) * x_src + t_now * n
-      v_tar, v_src = velocity_fn(z + z_src - x_src, z_src, jnp.full((x_src.shape[0],), t_now))
-      dv = dv + (v_tar - v_src) / noise_draws
+    # Draw j of step i takes key i * noise_draws + j (one draw a step is the single-draw FlowEdit); the
+    # draws go through velocity_fn as one batch [noise_draws * b, ...].
+    draw = lambda j, k: jax.random.normal(jax.random.fold_in(k, i * noise_draws + j), x_src.shape[1:], x_src.dtype)  # noqa: E731
+    n = jax.vmap(lambda j: jax.vmap(lambda k: draw(j, k))(rng))(jnp.arange(noise_draws))  # [draws, b, ...]
+    z_src = (1 - t_now) * x_src + t_now * n
+    flat = lambda a: a.reshape((-1,) + x_src.shape[1:])  # noqa: E731
+    v_tar, v_src = velocity_fn(flat(z + z_src - x_src), flat(z_src), jnp.full((n.shape[0] * n.shape[1],), t_now))
+    dv = jnp.mean((v_tar - v_src).reshape(n.shape), axis=0)
     return z + (t_next - t_now) * dv, None
 
   z, _ = jax.lax.scan(step, x_src, (jnp.arange(num_steps), ts[:-1], ts[1:]))
