@@ -26,27 +26,47 @@ from sora_jax import UsageError, video
 from sora_jax.data.folder import fit
 
 
-def _fit_frames(frames_thwc: np.ndarray, height: int, width: int, path: str) -> tuple[np.ndarray, str | None]:
+VIDEO_SUFFIXES = ('.mp4', '.mov', '.webm', '.avi', '.mkv')  # (a GIF opens as an image)
+
+
+def _fit_frames(frames_thwc: np.ndarray, height: int | None, width: int | None,
+                path: str) -> tuple[np.ndarray, str | None]:
   h, w = frames_thwc.shape[1:3]
-  if (h, w) == (height, width):
+  if (h, w) == (height, width) or height is width is None:  # None: as it is
     return frames_thwc, None
   out = np.stack([fit(Image.fromarray(f), height, width) for f in frames_thwc])
   return out, f'{path}: {w}x{h} resized and center-cropped to {width}x{height}'
 
 
+def _is_video(path: str) -> bool:
+  try:
+    return len(video.read(path)) > 0
+  except Exception:  # noqa: BLE001 -- av and PIL raise many kinds
+    return False
+
+
 def read_image(path: str, height: int, width: int) -> tuple[np.ndarray, str | None]:
-  """(uint8 [height, width, 3], a note if it was resized); a file that is not an image is a UsageError."""
+  """(uint8 [height, width, 3], a note if it was resized); a file that is not an image (or is a
+  video) is a UsageError."""
   try:
     with Image.open(path) as im:
+      frames = getattr(im, 'n_frames', 1)
       image = np.asarray(im.convert('RGB'))
   except (OSError, ValueError) as e:
+    if os.path.isfile(path) and path.lower().endswith(VIDEO_SUFFIXES) and _is_video(path):
+      raise UsageError(f'cannot read image {path}: it is a video; a keyframe is one image (.png, .jpg); '
+                       'give a video with --extend') from None
     raise UsageError(f'cannot read image {path}: {getattr(e, "strerror", None) or e}') from None
+  if frames > 1:
+    raise UsageError(f'cannot read image {path}: it has {frames} frames; a keyframe is one image '
+                     '(.png, .jpg); give a video with --extend')
   frames, note = _fit_frames(image[None], height, width, path)
   return frames[0], note
 
 
 def read_video(path: str, height: int, width: int) -> tuple[np.ndarray, str | None]:
-  """(uint8 [T, height, width, 3], a note if it was resized) of an .mp4 or .gif (an image: one frame)."""
+  """(uint8 [T, height, width, 3], a note if it was resized) of an .mp4 or .gif (an image: one frame);
+  height and width None: at its own size."""
   if not os.path.isfile(path):
     raise UsageError(f'cannot read video {path}: no such file')
   try:
@@ -65,7 +85,7 @@ def read_video(path: str, height: int, width: int) -> tuple[np.ndarray, str | No
 def _index(index: int, frames: int, what: str) -> int:
   i = index + frames if index < 0 else index
   if not 0 <= i < frames:
-    raise UsageError(f'{what}: frame index {index} is outside an output of {frames} frames')
+    raise UsageError(f'{what} @{index}: outside an output of {frames} frame{"s" if frames > 1 else ""}')
   return i
 
 
@@ -79,11 +99,16 @@ def windows(frames: int, window: int, backward: bool = False) -> list[int]:
   return [frames - window - s for s in starts] if backward else starts
 
 
+def native_sizes(cfg) -> bool:
+  """Whether the model trained on clips of many sizes (packed rows of `config.data.sizes`)."""
+  return bool(cfg.get('packing') and cfg.packing.get('row_length') and cfg.data.get('sizes'))
+
+
 def window_length(cfg, frames: int) -> int:
   """Frames made in one pass: the training length T, or for a model trained at native sizes
   (packed, `config.data.sizes`) the output's own length up to the longest clip it trained on
   (a clip: a multiple of the temporal patch; an image: one frame)."""
-  if cfg.get('packing') and cfg.packing.get('row_length') and cfg.data.get('sizes'):
+  if native_sizes(cfg):
     from sora_jax.data import shapes
     n = min(frames, max(size[0] for size in shapes.parse_sizes(cfg.data.sizes)))
     return n if n == 1 else max(n - n % cfg.model.patch[0], cfg.model.patch[0])
@@ -124,17 +149,25 @@ def generate_frames(model, prompts: list, given: dict, *, frames: int | None = N
   return out
 
 
+def check_loop(cfg, frames: int) -> int:
+  """The window T of the loop's bridge (`close_loop`) for an output of `frames` frames; a UsageError
+  if the output is shorter than one window or the window shorter than 4 frames."""
+  T = window_length(cfg, frames)
+  if frames < T or T < 4:
+    raise UsageError(f'loop: needs an output of at least {max(T, 4)} frames (its bridge is one window of '
+                     f'{T} frames, at least 4), not {frames}')
+  return T
+
+
 def close_loop(model, prompts: list, videos: np.ndarray, *, keep=(), seed: int = 0, **sample_kw) -> np.ndarray:
   """Regenerates the last T/2 frames of `videos` [b, N, H, W, 3] so that they lead from the frames
   before them into the first frames: one window [N - 3T/4 .. N - T/2 | T/2 new | 0 .. T/4).
   Frames at the indices `keep` (given keyframes) stay."""
   from sora_jax import sample
-  T = model.config.data.frames
   n = videos.shape[1]
+  T = check_loop(model.config, n)
   new, before = T // 2, T // 4
   after = T - new - before
-  if n < T or new < 1 or before < 1 or after < 1:
-    raise UsageError(f'loop: needs an output of at least the training length ({T} frames) and T >= 4')
   window = np.concatenate([videos[:, n - new - before:n - new], videos[:, n - new:], videos[:, :after]], axis=1)
   mask = np.zeros(T, bool)
   mask[:before] = mask[before + new:] = True
@@ -164,8 +197,13 @@ def given_frames(frames: int, keyframes: list = (), clip_thwc: np.ndarray | None
               f'{"first" if backward else "last"} {keep}')
     offset = frames - len(clip_thwc) if backward else 0
     given.update({offset + i: f for i, f in enumerate(clip_thwc)})
+  from_clip = set(given)
   for image, index in keyframes:
-    given[_index(index, frames, 'keyframe')] = image
+    i = _index(index, frames, 'keyframe')
+    if i in given:  # two frames for one place: neither may win silently
+      raise UsageError(f'keyframe @{index}: output frame {i} is already given by '
+                       f'{"the video" if i in from_clip else "another keyframe"}')
+    given[i] = image
   if len(given) >= frames:
     raise UsageError(f'every one of the {frames} output frames is given: nothing to generate')
   return given, note
@@ -187,17 +225,20 @@ def extend(model, prompts: list, clip_thwc: np.ndarray, *, frames: int | None = 
   return generate_frames(model, prompts, given, frames=frames, backward=backward, **kw), note
 
 
-def edit(model, prompts: list, clip_thwc: np.ndarray, *, strength: float | None = None, seed: int = 0,
-         **sample_kw) -> tuple[np.ndarray, str | None]:
+def edit(model, prompts: list, clip_thwc: np.ndarray, *, frames: int | None = None, strength: float | None = None,
+         seed: int = 0, **sample_kw) -> tuple[np.ndarray, str | None]:
   """SDEdit: `clip_thwc` noised to level `strength` in (0, 1] (None: the method's default) and denoised
   with `prompts`: layout and motion stay, what the prompt changes changes. `edit_method='flowedit'`
   (with `source_prompts`, the clip's captions) edits by FlowEdit instead (`sample.generate`). Uses the
-  clip's first T frames (T: training length); a shorter clip holds its last frame (said in the note)."""
+  clip's first T frames, at the clip's height and width: T is `frames`, else one window (`window_length`:
+  the training length, or a native-size model's the clip's own up to its longest); a shorter clip holds
+  its last frame (said in the note)."""
   from sora_jax import sample
-  T = model.config.data.frames
+  T = frames or window_length(model.config, len(clip_thwc))
   note = None
   if len(clip_thwc) != T:
-    note = f'edit: the video has {len(clip_thwc)} frames; using {T}' + (
+    note = f'edit: the video has {len(clip_thwc)} frame{"s" if len(clip_thwc) > 1 else ""}; using {T}' + (
         ' (its last frame held)' if len(clip_thwc) < T else ' (its first ones)')
     clip_thwc = np.concatenate([clip_thwc, np.repeat(clip_thwc[-1:], max(T - len(clip_thwc), 0), 0)])[:T]
-  return sample.generate(model, prompts, seed=seed, edit=clip_thwc, strength=strength, **sample_kw), note
+  return sample.generate(model, prompts, seed=seed, edit=clip_thwc, strength=strength, size=clip_thwc.shape[:3],
+                         **sample_kw), note

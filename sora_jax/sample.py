@@ -209,7 +209,7 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   Higher-level modes are in `sora_jax.prompting`.
   """
   cfg = model.config
-  num_steps = num_steps or cfg.sample.num_steps
+  num_steps = cfg.sample.num_steps if num_steps is None else num_steps
   if edit is not None:
     strength, guidance_scale = edit_settings(edit_method, strength, guidance_scale)
   guidance_scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
@@ -453,8 +453,10 @@ def check_prompting_flags() -> None:
     raise UsageError('--extend and --extend_backward: give one')
   if FLAGS.strength is not None and not FLAGS.edit:
     raise UsageError('--strength goes with --edit')
-  if FLAGS.edit and (FLAGS.keyframe or FLAGS.extend or FLAGS.extend_backward or FLAGS.loop or FLAGS.frames):
-    raise UsageError('--edit combines with the prompt, guidance, seed and steps only')
+  if FLAGS.edit and (FLAGS.keyframe or FLAGS.extend or FLAGS.extend_backward or FLAGS.loop):
+    raise UsageError('--edit combines with the prompt, size, guidance, seed and steps only')
+  if FLAGS.loop and FLAGS.extend_backward:
+    raise UsageError('--loop and --extend_backward: the loop would regenerate the given clip; give one')
   if (FLAGS.source_prompt is not None or FLAGS.edit_method != 'sdedit') and not FLAGS.edit:
     raise UsageError('--edit_method and --source_prompt go with --edit')
   if FLAGS.source_prompt is not None and FLAGS.edit_method != 'flowedit':
@@ -467,11 +469,9 @@ def check_prompting_flags() -> None:
     raise UsageError(f'--reconstruction_guidance={FLAGS.reconstruction_guidance}: use a scale >= 0 (0: off)')
   if FLAGS.edit and FLAGS.strength is not None and not 0 < FLAGS.strength <= 1:
     raise UsageError(f'--strength={FLAGS.strength}: use a noise level in (0, 1]')
-  for name in ('frames', 'height', 'width'):
+  for name in ('frames', 'height', 'width', 'steps', 'upscale'):
     if FLAGS[name].value is not None and FLAGS[name].value < 1:
       raise UsageError(f'--{name}={FLAGS[name].value}: must be a positive integer')
-  if FLAGS.edit and (FLAGS.height or FLAGS.width):
-    raise UsageError('--edit keeps the size of the model\'s clips: drop --height/--width')
 
 
 def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np.ndarray:
@@ -487,8 +487,17 @@ def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np
     return frames
 
   if FLAGS.edit:
+    if not (FLAGS.height or FLAGS.width) and prompting.native_sizes(cfg):  # edit the clip at its own size
+      own = prompting.read_video(FLAGS.edit, None, None)[0]
+      try:
+        check_size(cfg, model.autoencoder, FLAGS.frames or prompting.window_length(cfg, len(own)), *own.shape[1:3],
+                   sampling=True)
+        H, W = own.shape[1:3]
+      except UsageError:
+        pass  # a size the model does not make: the config's, resized and cropped
     source = None if FLAGS.source_prompt is None else [FLAGS.source_prompt] * len(prompts)
-    videos, note = prompting.edit(model, prompts, read(prompting.read_video, FLAGS.edit), strength=FLAGS.strength,
+    videos, note = prompting.edit(model, prompts, read(prompting.read_video, FLAGS.edit), frames=FLAGS.frames,
+                                  strength=FLAGS.strength,
                                   edit_method=FLAGS.edit_method, source_prompts=source,
                                   flowedit_noise_draws=FLAGS.flowedit_noise_draws, **kw)
     if note:
@@ -520,11 +529,14 @@ def main(argv):
     if paths[0].lower().endswith('.png') and frames != 1:
       raise UsageError(f'--out={FLAGS.out}: a .png holds one frame' +
                        (': write .mp4 or .gif' if FLAGS.edit else '; pass --frames=1 or write .mp4/.gif'))
-    if FLAGS.height or FLAGS.width or FLAGS.frames:  # each window of the output
-      from sora_jax import prompting
-      check_size(cfg, autoencoder_lib.make(cfg.autoencoder, load_weights=False), prompting.window_length(cfg, frames),
+    from sora_jax import prompting
+    if FLAGS.height or FLAGS.width or FLAGS.frames:  # each window of the output (an edit: one window)
+      check_size(cfg, autoencoder_lib.make(cfg.autoencoder, load_weights=False),
+                 frames if FLAGS.edit else prompting.window_length(cfg, frames),
                  FLAGS.height or cfg.data.height, FLAGS.width or cfg.data.width,
                  names=('--frames', '--height', '--width'), sampling=True)
+    if FLAGS.loop:
+      prompting.check_loop(cfg, frames)
     model = load(FLAGS.workdir, FLAGS.checkpoint_step, FLAGS.params)
     kw = dict(seed=FLAGS.seed, num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale,
               stochasticity=FLAGS.stochasticity, negative_prompt=FLAGS.negative_prompt,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sora_jax import prompting
+from sora_jax import prompting, video
 from sora_jax.diffusion import frame_conditioning as fc
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.models import dit
@@ -237,8 +237,21 @@ def test_bad_inputs_are_one_line_errors(conditioned_workdir, tmp_path):
     prompting.read_image(str(bad), 32, 32)
   with pytest.raises(UsageError, match='cannot read video .*missing.gif'):
     prompting.read_video(str(tmp_path / 'missing.gif'), 32, 32)
-  with pytest.raises(UsageError, match='frame index 8 is outside an output of 8 frames'):
+  with pytest.raises(UsageError, match='keyframe @8: outside an output of 8 frames'):
     prompting.given_frames(8, [(clip()[0], 8)])
+  # Two frames for one place: an error, not the later one silently.
+  with pytest.raises(UsageError, match='keyframe @2: output frame 2 is already given by the video'):
+    prompting.given_frames(8, [(clip()[0], 2)], clip()[:4])
+  with pytest.raises(UsageError, match='keyframe @-1: output frame 7 is already given by another keyframe'):
+    prompting.given_frames(8, [(clip()[0], 7), (clip()[1], -1)])
+  gif = str(tmp_path / 'clip.gif')
+  video.write(gif, clip(), fps=8)
+  with pytest.raises(UsageError, match='it has 8 frames; a keyframe is one image'):
+    prompting.read_image(gif, 32, 32)
+  mp4 = str(tmp_path / 'clip.mp4')
+  video.write(mp4, clip(), fps=8)
+  with pytest.raises(UsageError, match='clip.mp4: it is a video; a keyframe is one image'):
+    prompting.read_image(mp4, 32, 32)
   with pytest.raises(UsageError, match='use PATH@INDEX'):
     sample.parse_keyframes(['first.png'])
   assert sample.parse_keyframes(['a@b.png@-1']) == [('a@b.png', -1)]
@@ -321,6 +334,11 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
       common + [out('x.gif'), f'--extend={tmp_path}/clip.gif', '--reconstruction_guidance=-1'],
       common + [out('x.gif'), f'--edit={tmp_path}/clip.gif', '--flowedit_noise_draws=2'],
       common + [out('x.gif'), f'--edit={tmp_path}/clip.gif', '--edit_method=flowedit', '--flowedit_noise_draws=0'],
+      common + [out('x.gif'), '--steps=0'],
+      common + [out('x.gif'), '--frames=4', '--loop'],
+      common + [out('x.gif'), '--loop', f'--extend_backward={tmp_path}/clip.gif'],
+      common + [out('x.gif'), f'--extend={tmp_path}/clip.gif', f'--keyframe={tmp_path}/last.png@2'],
+      common + [out('edit4.gif'), f'--edit={tmp_path}/clip.gif', '--frames=4'],
   ]
   result = subprocess.run([sys.executable, '-c', CLI_DRIVER, json.dumps(runs)], cwd=os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), env=subprocess_env(1), capture_output=True, text=True, timeout=600)
@@ -353,6 +371,11 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
   assert '--reconstruction_guidance=-1.0: use a scale >= 0' in codes[16]
   assert '--flowedit_noise_draws goes with --edit_method=flowedit' in codes[17]
   assert '--flowedit_noise_draws=0: use a whole number >= 1' in codes[18]
+  assert '--steps=0: must be a positive integer' in codes[19]
+  assert 'loop: needs an output of at least 8 frames' in codes[20]  # said before loading the model
+  assert '--loop and --extend_backward' in codes[21]
+  assert 'keyframe @2: output frame 2 is already given by the video' in codes[22]
+  assert codes[23] == 'ok' and (video.read(str(tmp_path / 'edit4.gif')).shape == (4, 32, 32, 3))
   assert all('\n' not in code for code in codes)
 
 

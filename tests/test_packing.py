@@ -354,6 +354,10 @@ def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tm
   out = sample.generate(model, ['a red circle moving right'], size=(4, 16, 24), num_steps=2, given=first,
                         given_mask=np.array([True, False, False, False]))
   np.testing.assert_array_equal(out[0, 0], first[0])
+  # An edit keeps a native-size clip's own size: one window of its length.
+  from sora_jax import prompting
+  edited, note = prompting.edit(model, ['a blue circle moving right'], first[:2], num_steps=1)
+  assert edited.shape == (1, 2, 16, 24, 3) and note is None
   import subprocess
   from tests.conftest import subprocess_env
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
