@@ -384,7 +384,7 @@ def define_flags():
   """Defined on demand, so that importing this module (as train.py does) defines no flags."""
   flags.DEFINE_string('workdir', None, 'Training workdir to sample from.')
   flags.DEFINE_multi_string('prompt', None, 'Text prompt (a class index for a class-conditional model); '
-                            'repeat for several videos.')
+                            'repeat for several videos; "" samples without a caption (unconditional).')
   flags.DEFINE_string('out', 'sample.mp4', 'Output .mp4, .gif, or .png for one frame; with several prompts, '
                       '_0, _1, ... are inserted before the suffix.')
   flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance scale (default: config; with --edit: '
@@ -552,6 +552,14 @@ def main(argv):
     sys.exit(f'error: {e}')
 
 
+def parse_flags(argv):
+  """absl's parser, with a bad flag value (e.g. --frames=abc) reported in one `error:` line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}')
+
+
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

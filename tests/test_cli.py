@@ -52,6 +52,9 @@ def test_sample_from_a_workdir_without_checkpoint_is_a_one_line_error(tmp_path):
   assert 'Traceback' not in result.stderr
   (line,) = [l for l in result.stderr.splitlines() if str(tmp_path) in l]  # said once, not logged too
   assert line.startswith('error: ')
+  result = run('sora_jax.sample', f'--workdir={tmp_path}', '--prompt=a red circle', '--frames=abc')
+  assert result.returncode != 0 and 'Traceback' not in result.stderr and 'FATAL' not in result.stderr
+  assert "error: flag --frames=abc: invalid literal for int() with base 10: 'abc'" in result.stderr.splitlines()
 
 
 def test_a_mistyped_config_field_or_file_is_one_line_without_traceback(tmp_path):
