@@ -29,10 +29,12 @@ from sora_jax.data.folder import fit
 VIDEO_SUFFIXES = ('.mp4', '.mov', '.webm', '.avi', '.mkv')  # (a GIF opens as an image)
 
 
-def _fit_frames(frames_thwc: np.ndarray, height: int | None, width: int | None,
+def fit_frames(frames_thwc: np.ndarray, height: int | None, width: int | None,
                 path: str) -> tuple[np.ndarray, str | None]:
+  """(frames [T, height, width, 3], a note if they were resized to cover and center-cropped); height and
+  width None: as they are."""
   h, w = frames_thwc.shape[1:3]
-  if (h, w) == (height, width) or height is width is None:  # None: as it is
+  if (h, w) == (height, width) or height is width is None:
     return frames_thwc, None
   out = np.stack([fit(Image.fromarray(f), height, width) for f in frames_thwc])
   return out, f'{path}: {w}x{h} resized and center-cropped to {width}x{height}'
@@ -57,10 +59,10 @@ def read_image(path: str, height: int, width: int) -> tuple[np.ndarray, str | No
       raise UsageError(f'cannot read image {path}: it is a video; a keyframe is one image (.png, .jpg); '
                        'give a video with --extend') from None
     raise UsageError(f'cannot read image {path}: {getattr(e, "strerror", None) or e}') from None
-  if frames > 1:
+  if frames > 1 and im.format != 'MPO':  # (a camera JPEG with an embedded preview is one photo)
     raise UsageError(f'cannot read image {path}: it has {frames} frames; a keyframe is one image '
                      '(.png, .jpg); give a video with --extend')
-  frames, note = _fit_frames(image[None], height, width, path)
+  frames, note = fit_frames(image[None], height, width, path)
   return frames[0], note
 
 
@@ -79,7 +81,7 @@ def read_video(path: str, height: int, width: int) -> tuple[np.ndarray, str | No
     return image[None], note
   if not len(frames):
     raise UsageError(f'cannot read video {path}: no frames')
-  return _fit_frames(frames, height, width, path)
+  return fit_frames(frames, height, width, path)
 
 
 def _index(index: int, frames: int, what: str) -> int:
@@ -153,9 +155,11 @@ def check_loop(cfg, frames: int) -> int:
   """The window T of the loop's bridge (`close_loop`) for an output of `frames` frames; a UsageError
   if the output is shorter than one window or the window shorter than 4 frames."""
   T = window_length(cfg, frames)
-  if frames < T or T < 4:
-    raise UsageError(f'loop: needs an output of at least {max(T, 4)} frames (its bridge is one window of '
-                     f'{T} frames, at least 4), not {frames}')
+  if T < 4:
+    raise UsageError(f'loop: needs a window of at least 4 frames; ' + (
+        f'this model makes {T}' if T == window_length(cfg, 10**6) else f'an output of {frames} makes {T}'))
+  if frames < T:
+    raise UsageError(f'loop: needs an output of at least {T} frames (its bridge is one window), not {frames}')
   return T
 
 

@@ -384,7 +384,7 @@ def define_flags():
   """Defined on demand, so that importing this module (as train.py does) defines no flags."""
   flags.DEFINE_string('workdir', None, 'Training workdir to sample from.')
   flags.DEFINE_multi_string('prompt', None, 'Text prompt (a class index for a class-conditional model); '
-                            'repeat for several videos; "" samples without a caption (unconditional).')
+                            'repeat for several videos; "" (a text model): without a caption (unconditional).')
   flags.DEFINE_string('out', 'sample.mp4', 'Output .mp4, .gif, or .png for one frame; with several prompts, '
                       '_0, _1, ... are inserted before the suffix.')
   flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance scale (default: config; with --edit: '
@@ -415,7 +415,8 @@ def define_flags():
                        f'(default {FLOWEDIT_NOISE_DRAWS}; 1: one a step, the fastest).')
   flags.DEFINE_bool('loop', False, 'Make the last frame lead back into the first.')
   flags.DEFINE_integer('frames', None, 'Output frames (default: the training length); longer outputs are '
-                       'made window by window, each given the last half of the previous one; 1: an image.')
+                       'made window by window, each given the last half of the previous one; 1: an image; with --edit: '
+                       'the one window\'s length (default: the clip\'s, up to the model\'s).')
   flags.DEFINE_integer('height', None, 'Output height in pixels (default: the config\'s); the patch must divide it.')
   flags.DEFINE_integer('width', None, 'Output width in pixels (default: the config\'s); the patch must divide it.')
   flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config; 1: none '
@@ -456,7 +457,8 @@ def check_prompting_flags() -> None:
   if FLAGS.edit and (FLAGS.keyframe or FLAGS.extend or FLAGS.extend_backward or FLAGS.loop):
     raise UsageError('--edit combines with the prompt, size, guidance, seed and steps only')
   if FLAGS.loop and FLAGS.extend_backward:
-    raise UsageError('--loop and --extend_backward: the loop would regenerate the given clip; give one')
+    raise UsageError('--loop and --extend_backward: a loop remakes the last frames, which --extend_backward '
+                     'gives; give one')
   if (FLAGS.source_prompt is not None or FLAGS.edit_method != 'sdedit') and not FLAGS.edit:
     raise UsageError('--edit_method and --source_prompt go with --edit')
   if FLAGS.source_prompt is not None and FLAGS.edit_method != 'flowedit':
@@ -474,8 +476,31 @@ def check_prompting_flags() -> None:
       raise UsageError(f'--{name}={FLAGS[name].value}: must be a positive integer')
 
 
-def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np.ndarray:
-  """The videos the flags ask for: plain text-to-video, or with keyframes, extension, edit, loop, length."""
+def edit_size(cfg, autoencoder, clip_thwc: np.ndarray, frames: int | None = None, height: int | None = None,
+              width: int | None = None) -> tuple[tuple[int, int, int], str | None]:
+  """((T, H, W) of an edit's one window, a note if the clip's own size was not usable): `frames`, else the
+  clip's length up to the model's window (`prompting.window_length`); `height`/`width`, else the clip's
+  own for a model trained at native sizes that makes that size, else the config's. A size the model
+  does not make is a one-line error naming --frames/--height/--width."""
+  from sora_jax import prompting
+  T = frames or prompting.window_length(cfg, len(clip_thwc))
+  H, W = height or cfg.data.height, width or cfg.data.width
+  note = None
+  if not (height or width) and prompting.native_sizes(cfg):
+    h, w = clip_thwc.shape[1:3]
+    try:
+      check_size(cfg, autoencoder, T, h, w, sampling=True)
+      return (T, h, w), None
+    except UsageError as e:
+      note = f"edit: not at the clip's own size ({e}); at {W}x{H}"
+  check_size(cfg, autoencoder, T, H, W, names=('--frames', '--height', '--width'), sampling=True)
+  return (T, H, W), note
+
+
+def run_prompting(model: Model, prompts: list, keyframe_specs: list, edit_clip=None, edit_thw=None,
+                  **kw) -> np.ndarray:
+  """The videos the flags ask for: plain text-to-video, or with keyframes, extension, edit, loop, length.
+  An edit's clip (uint8 [T, H, W, 3] as read) and its size (`edit_size`) are read before loading."""
   from sora_jax import prompting
   cfg = model.config
   H, W = FLAGS.height or cfg.data.height, FLAGS.width or cfg.data.width
@@ -487,17 +512,10 @@ def run_prompting(model: Model, prompts: list, keyframe_specs: list, **kw) -> np
     return frames
 
   if FLAGS.edit:
-    if not (FLAGS.height or FLAGS.width) and prompting.native_sizes(cfg):  # edit the clip at its own size
-      own = prompting.read_video(FLAGS.edit, None, None)[0]
-      try:
-        check_size(cfg, model.autoencoder, FLAGS.frames or prompting.window_length(cfg, len(own)), *own.shape[1:3],
-                   sampling=True)
-        H, W = own.shape[1:3]
-      except UsageError:
-        pass  # a size the model does not make: the config's, resized and cropped
+    T, H, W = edit_thw
+    clip = read(lambda path, h, w: prompting.fit_frames(edit_clip, h, w, path), FLAGS.edit)
     source = None if FLAGS.source_prompt is None else [FLAGS.source_prompt] * len(prompts)
-    videos, note = prompting.edit(model, prompts, read(prompting.read_video, FLAGS.edit), frames=FLAGS.frames,
-                                  strength=FLAGS.strength,
+    videos, note = prompting.edit(model, prompts, clip, frames=T, strength=FLAGS.strength,
                                   edit_method=FLAGS.edit_method, source_prompts=source,
                                   flowedit_noise_draws=FLAGS.flowedit_noise_draws, **kw)
     if note:
@@ -525,14 +543,19 @@ def main(argv):
     keyframe_specs = parse_keyframes(FLAGS.keyframe)
     paths = output_paths(FLAGS.out, len(FLAGS.prompt))
     cfg = read_config(FLAGS.workdir)  # sizes are checked before anything is loaded
-    frames = FLAGS.frames or cfg.data.frames
-    if paths[0].lower().endswith('.png') and frames != 1:
-      raise UsageError(f'--out={FLAGS.out}: a .png holds one frame' +
-                       (': write .mp4 or .gif' if FLAGS.edit else '; pass --frames=1 or write .mp4/.gif'))
     from sora_jax import prompting
-    if FLAGS.height or FLAGS.width or FLAGS.frames:  # each window of the output (an edit: one window)
-      check_size(cfg, autoencoder_lib.make(cfg.autoencoder, load_weights=False),
-                 frames if FLAGS.edit else prompting.window_length(cfg, frames),
+    autoencoder = autoencoder_lib.make(cfg.autoencoder, load_weights=False)
+    edit_clip = edit_thw = None
+    if FLAGS.edit:  # one window, whose size may be the clip's
+      edit_clip = prompting.read_video(FLAGS.edit, None, None)[0]
+      edit_thw, note = edit_size(cfg, autoencoder, edit_clip, FLAGS.frames, FLAGS.height, FLAGS.width)
+      if note:
+        print(note)
+    frames = edit_thw[0] if FLAGS.edit else FLAGS.frames or cfg.data.frames
+    if paths[0].lower().endswith('.png') and frames != 1:
+      raise UsageError(f'--out={FLAGS.out}: a .png holds one frame; pass --frames=1 or write .mp4/.gif')
+    if not FLAGS.edit and (FLAGS.height or FLAGS.width or FLAGS.frames):  # each window of the output
+      check_size(cfg, autoencoder, prompting.window_length(cfg, frames),
                  FLAGS.height or cfg.data.height, FLAGS.width or cfg.data.width,
                  names=('--frames', '--height', '--width'), sampling=True)
     if FLAGS.loop:
@@ -541,7 +564,7 @@ def main(argv):
     kw = dict(seed=FLAGS.seed, num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale,
               stochasticity=FLAGS.stochasticity, negative_prompt=FLAGS.negative_prompt,
               frame_guidance_scale=FLAGS.frame_guidance_scale, reconstruction_guidance=FLAGS.reconstruction_guidance)
-    videos = run_prompting(model, FLAGS.prompt, keyframe_specs, **kw)
+    videos = run_prompting(model, FLAGS.prompt, keyframe_specs, edit_clip, edit_thw, **kw)
     for prompt, path, v in zip(FLAGS.prompt, paths, videos):
       try:
         video.write(path, v, fps=model.config.sample.fps, upscale=FLAGS.upscale)

@@ -301,6 +301,7 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
   import os
   import subprocess
   import sys
+  from pathlib import Path
   from PIL import Image
   from sora_jax import video
   from tests.conftest import subprocess_env
@@ -310,6 +311,9 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
   Image.fromarray(c[-1]).save(tmp_path / 'last.png')
   video.write(str(tmp_path / 'clip.gif'), c[:4])
   common = [f'--workdir={conditioned_workdir}', '--prompt=a red circle moving right', '--steps=2']
+  config_only = tmp_path / 'config_only'
+  config_only.mkdir()
+  (config_only / 'config.json').write_text((Path(conditioned_workdir) / 'config.json').read_text())
   out = lambda name: f'--out={tmp_path / name}'
   runs = [
       common + [out('kf.gif'), f'--keyframe={tmp_path}/first.png@0', f'--keyframe={tmp_path}/last.png@-1',
@@ -335,7 +339,7 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
       common + [out('x.gif'), f'--edit={tmp_path}/clip.gif', '--flowedit_noise_draws=2'],
       common + [out('x.gif'), f'--edit={tmp_path}/clip.gif', '--edit_method=flowedit', '--flowedit_noise_draws=0'],
       common + [out('x.gif'), '--steps=0'],
-      common + [out('x.gif'), '--frames=4', '--loop'],
+      common + [out('x.gif'), f'--workdir={config_only}', '--frames=4', '--loop'],  # no checkpoint to load
       common + [out('x.gif'), '--loop', f'--extend_backward={tmp_path}/clip.gif'],
       common + [out('x.gif'), f'--extend={tmp_path}/clip.gif', f'--keyframe={tmp_path}/last.png@2'],
       common + [out('edit4.gif'), f'--edit={tmp_path}/clip.gif', '--frames=4'],
@@ -372,7 +376,7 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
   assert '--flowedit_noise_draws goes with --edit_method=flowedit' in codes[17]
   assert '--flowedit_noise_draws=0: use a whole number >= 1' in codes[18]
   assert '--steps=0: must be a positive integer' in codes[19]
-  assert 'loop: needs an output of at least 8 frames' in codes[20]  # said before loading the model
+  assert 'loop: needs an output of at least 8 frames' in codes[20]  # said before loading (there is nothing to load)
   assert '--loop and --extend_backward' in codes[21]
   assert 'keyframe @2: output frame 2 is already given by the video' in codes[22]
   assert codes[23] == 'ok' and (video.read(str(tmp_path / 'edit4.gif')).shape == (4, 32, 32, 3))

@@ -354,8 +354,14 @@ def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tm
   out = sample.generate(model, ['a red circle moving right'], size=(4, 16, 24), num_steps=2, given=first,
                         given_mask=np.array([True, False, False, False]))
   np.testing.assert_array_equal(out[0, 0], first[0])
-  # An edit keeps a native-size clip's own size: one window of its length.
+  # An edit keeps a native-size clip's own size (one window of its length) where the model makes it.
   from sora_jax import prompting
+  assert sample.edit_size(model.config, model.autoencoder, first[:2]) == ((2, 16, 24), None)
+  assert sample.edit_size(model.config, model.autoencoder, first, frames=2, width=16) == ((2, 16, 16), None)
+  (thw, note) = sample.edit_size(model.config, model.autoencoder, first[:, :, :20])  # 20: no whole patches
+  assert thw == (2, 16, 16) and "not at the clip's own size" in note and 'does not divide' in note
+  with pytest.raises(UsageError, match=r'2x512x512 is \d+ spacetime patches'):
+    sample.edit_size(model.config, model.autoencoder, first, height=512, width=512)
   edited, note = prompting.edit(model, ['a blue circle moving right'], first[:2], num_steps=1)
   assert edited.shape == (1, 2, 16, 24, 3) and note is None
   import subprocess
