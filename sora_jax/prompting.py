@@ -34,7 +34,8 @@ def fit_frames(frames_thwc: np.ndarray, height: int | None, width: int | None,
   """(frames [T, height, width, 3], a note if they were resized to cover and center-cropped); height and
   width None: as they are."""
   h, w = frames_thwc.shape[1:3]
-  if (h, w) == (height, width) or height is width is None:
+  height, width = height or h, width or w
+  if (h, w) == (height, width):
     return frames_thwc, None
   out = np.stack([fit(Image.fromarray(f), height, width) for f in frames_thwc])
   return out, f'{path}: {w}x{h} resized and center-cropped to {width}x{height}'
@@ -53,7 +54,12 @@ def read_image(path: str, height: int, width: int) -> tuple[np.ndarray, str | No
   try:
     with Image.open(path) as im:
       frames = getattr(im, 'n_frames', 1)
-      image = np.asarray(im.convert('RGB'))
+      if im.mode.startswith('I'):  # 16- or 32-bit gray, which convert('RGB') clips to white
+        gray = np.asarray(im).astype(np.float64)
+        scale = 257.0 if im.mode.startswith('I;16') or gray.max() > 255 else 1.0
+        image = np.repeat(np.clip(np.round(gray / scale), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+      else:
+        image = np.asarray(im.convert('RGB'))
   except (OSError, ValueError) as e:
     if os.path.isfile(path) and path.lower().endswith(VIDEO_SUFFIXES) and _is_video(path):
       raise UsageError(f'cannot read image {path}: it is a video; a keyframe is one image (.png, .jpg); '
@@ -127,9 +133,20 @@ def generate_frames(model, prompts: list, given: dict, *, frames: int | None = N
   from sora_jax import sample
   cfg = model.config
   H, W = height or cfg.data.height, width or cfg.data.width
-  frames = frames or cfg.data.frames
+  frames = cfg.data.frames if frames is None else frames
   if frames < 1:
     raise UsageError(f'frames={frames}: need at least one frame')
+  if isinstance(prompts, (str, bytes)):
+    raise UsageError(f'prompts={prompts!r}: give a list of captions, e.g. ["a red circle"]')
+  given = {_index(i, frames, 'given frame'): np.asarray(image) for i, image in given.items()}
+  if loop:  # before any sampling
+    bridge = range(frames - check_loop(cfg, frames) // 2, frames)
+    if all(i in given for i in bridge):
+      raise UsageError(f'loop: every frame of its bridge (the last {len(bridge)}) is given: nothing to remake')
+  for i, image in given.items():
+    if image.dtype != np.uint8 or image.shape != (H, W, 3):
+      raise UsageError(f'given frame {i}: {image.dtype} {image.shape}; expected uint8 {(H, W, 3)} '
+                       '(the output size; prompting.fit_frames resizes)')
   T = window_length(cfg, frames)
   b = len(prompts)
   out = np.zeros((b, max(frames, T), H, W, 3), np.uint8)
@@ -176,8 +193,11 @@ def close_loop(model, prompts: list, videos: np.ndarray, *, keep=(), seed: int =
   mask = np.zeros(T, bool)
   mask[:before] = mask[before + new:] = True
   for i in keep:
+    i = i + n if i < 0 else i
     if n - new <= i < n:
       mask[before + i - (n - new)] = True
+  if mask.all():
+    raise UsageError(f'loop: every frame of its bridge (the last {new}) is given: nothing to remake')
   clips = sample.generate(model, prompts, seed=seed + 7919 * 999, given=window, given_mask=mask,
                           size=window.shape[1:4], **sample_kw)
   return np.concatenate([videos[:, :n - new], clips[:, before:before + new]], axis=1)
@@ -189,6 +209,8 @@ def given_frames(frames: int, keyframes: list = (), clip_thwc: np.ndarray | None
   frames: `keyframes` [(image, index)] at their indices (negative: from the end), and a clip that
   the output starts with (backward: ends with). A clip of `frames` frames or more gives its last
   (backward: first) frames // 2 frames."""
+  if frames < 1:
+    raise UsageError(f'frames={frames}: need at least one frame')
   given, note = {}, None
   if clip_thwc is not None:
     g = len(clip_thwc)
@@ -215,16 +237,22 @@ def given_frames(frames: int, keyframes: list = (), clip_thwc: np.ndarray | None
 
 def keyframes(model, prompts: list, images: list, *, frames: int | None = None, **kw) -> np.ndarray:
   """Videos with `images` [(uint8 [H, W, 3], index)] at their frame indices (negative: from the end):
-  image-to-video with one image at 0, interpolation with images at 0 and -1."""
-  frames = frames or model.config.data.frames
+  image-to-video with one image at 0, interpolation with images at 0 and -1. The output has the images'
+  size unless `height`/`width` are given (then the images must have that size: `fit_frames`)."""
+  frames = model.config.data.frames if frames is None else frames
+  if images and not (kw.get('height') or kw.get('width')):  # the images' own size
+    kw.update(height=np.shape(images[0][0])[0], width=np.shape(images[0][0])[1])
   return generate_frames(model, prompts, given_frames(frames, images)[0], frames=frames, **kw)
 
 
 def extend(model, prompts: list, clip_thwc: np.ndarray, *, frames: int | None = None, backward: bool = False,
            **kw) -> tuple[np.ndarray, str | None]:
   """(videos of `frames` frames that start with the frames of `clip_thwc` and continue them (backward:
-  end with them and show what came before), a note if the clip was cut; see `given_frames`)."""
-  frames = frames or model.config.data.frames
+  end with them and show what came before), a note if the clip was cut; see `given_frames`). The output
+  has the clip's size unless `height`/`width` are given (then the clip must have that size: `fit_frames`)."""
+  frames = model.config.data.frames if frames is None else frames
+  if not (kw.get('height') or kw.get('width')):  # the clip's own size
+    kw.update(height=np.shape(clip_thwc)[1], width=np.shape(clip_thwc)[2])
   given, note = given_frames(frames, clip_thwc=clip_thwc, backward=backward)
   return generate_frames(model, prompts, given, frames=frames, backward=backward, **kw), note
 
@@ -238,7 +266,9 @@ def edit(model, prompts: list, clip_thwc: np.ndarray, *, frames: int | None = No
   the training length, or a native-size model's the clip's own up to its longest); a shorter clip holds
   its last frame (said in the note)."""
   from sora_jax import sample
-  T = frames or window_length(model.config, len(clip_thwc))
+  T = window_length(model.config, len(clip_thwc)) if frames is None else frames
+  if T < 1:
+    raise UsageError(f'frames={T}: need at least one frame')
   note = None
   if len(clip_thwc) != T:
     note = f'edit: the video has {len(clip_thwc)} frame{"s" if len(clip_thwc) > 1 else ""}; using {T}' + (

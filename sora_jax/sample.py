@@ -209,6 +209,16 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   Higher-level modes are in `sora_jax.prompting`.
   """
   cfg = model.config
+  if prompts is None or isinstance(prompts, (str, bytes)) or not len(prompts):
+    raise UsageError(f'prompts={prompts!r}: give a list of one or more captions (class indices), e.g. ["a red circle"]')
+  if isinstance(source_prompts, (str, bytes)):
+    raise UsageError(f'source_prompts={source_prompts!r}: give a list, one caption per prompt')
+  if negative_prompt is not None and not isinstance(negative_prompt, str):
+    raise UsageError(f'negative_prompt={negative_prompt!r}: give one caption (a string), used for every prompt')
+  if edit is None and (strength is not None or edit_method != 'sdedit'):
+    raise UsageError('strength and edit_method go with edit= (a video to edit)')
+  if given_mask is not None and given is None:
+    raise UsageError('given_mask goes with given= (the frames it marks)')
   num_steps = cfg.sample.num_steps if num_steps is None else num_steps
   if edit is not None:
     strength, guidance_scale = edit_settings(edit_method, strength, guidance_scale)
@@ -254,7 +264,8 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
     draws = FLOWEDIT_NOISE_DRAWS if flowedit_noise_draws is None else flowedit_noise_draws
     if not (isinstance(draws, (int, np.integer)) and draws >= 1):
       raise UsageError(f'flowedit_noise_draws={draws!r}: use a whole number >= 1')
-    source = conditioning(cfg, list(source_prompts or prompts), model.text_encoder)[0 if source_prompts else 1]
+    has_source = source_prompts is not None
+    source = conditioning(cfg, list(source_prompts if has_source else prompts), model.text_encoder)[0 if has_source else 1]
     latents = _flow_edit_latents(model.params, model.graphdef, x_edit, cond, null_cond, source, guidance_scale,
                                  time_shift, rng_b, jnp.float32(t_start), num_steps=num_steps,
                                  prediction=cfg.objective.prediction, noise_draws=int(draws))
@@ -294,6 +305,9 @@ def _to_videos(model: Model, latents, size: tuple[int, int, int]) -> np.ndarray:
 def _pixels(clips, b: int, shape: tuple, name: str):
   """uint8 [T, H, W, 3] or [b, T, H, W, 3] -> float [b, T, H, W, 3] in [-1, 1]."""
   clips = np.asarray(clips)
+  if clips.dtype != np.uint8:  # floats in [0, 1] or [-1, 1] would silently read as near-black
+    raise UsageError(f'{name}: frames of dtype {clips.dtype}; give uint8 in [0, 255] '
+                     '(e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1])')
   if clips.shape == shape:
     clips = np.broadcast_to(clips, (b, *shape))
   if clips.shape != (b, *shape):

@@ -176,6 +176,9 @@ def test_every_mode_returns_the_given_frames_unchanged(conditioned_workdir):
   assert v.shape[1] == 8 and (v[:, 0] == c[0]).all() and (v[:, 6] == c[6]).all()
   v, _ = prompting.edit(model, PROMPTS, c, strength=0.5, **kw)
   assert v.shape == (2, 8, 32, 32, 3)
+  wide = clip(frames=4)[:, :, np.r_[0:32, 0:16]]  # 32 x 48: given frames of another size set the output's
+  v, _ = prompting.extend(model, PROMPTS[:1], wide, **kw)
+  assert v.shape == (1, 8, 32, 48, 3) and (v[0, :4] == wide).all()
   # Reconstruction guidance changes the generated frames, never the given ones; the config's default is off.
   plain, _ = prompting.extend(model, PROMPTS, c[:4], **kw)
   assert model.config.sample.reconstruction_guidance == 0
@@ -230,6 +233,7 @@ def test_flowedit_to_the_source_prompt_unguided_returns_the_input_and_a_guided_e
 
 
 def test_bad_inputs_are_one_line_errors(conditioned_workdir, tmp_path):
+  from PIL import Image
   from sora_jax import UsageError, sample
   bad = tmp_path / 'notes.png'
   bad.write_text('not an image')
@@ -244,6 +248,26 @@ def test_bad_inputs_are_one_line_errors(conditioned_workdir, tmp_path):
     prompting.given_frames(8, [(clip()[0], 2)], clip()[:4])
   with pytest.raises(UsageError, match='keyframe @-1: output frame 7 is already given by another keyframe'):
     prompting.given_frames(8, [(clip()[0], 7), (clip()[1], -1)])
+  # Notebook misuse: a string for a list, frames that are not uint8, options without their input.
+  model = sample.load(conditioned_workdir)
+  c = clip()
+  with pytest.raises(UsageError, match="prompts='a red circle': give a list"):
+    sample.generate(model, 'a red circle', num_steps=1)
+  with pytest.raises(UsageError, match='given: frames of dtype float32; give uint8'):
+    sample.generate(model, PROMPTS, given=c.astype(np.float32) / 255, given_mask=np.eye(8, dtype=bool)[0])
+  with pytest.raises(UsageError, match='strength and edit_method go with edit='):
+    sample.generate(model, PROMPTS, strength=0.5)
+  with pytest.raises(UsageError, match='given frame @9: outside an output of 8 frames'):
+    prompting.generate_frames(model, PROMPTS, {9: c[0]}, frames=8)
+  with pytest.raises(UsageError, match=r'given frame 0: float64 \(32, 32, 3\); expected uint8 \(32, 32, 3\)'):
+    prompting.keyframes(model, PROMPTS, [(c[0] / 255, 0)])
+  with pytest.raises(UsageError, match='frames=0: need at least one frame'):
+    prompting.keyframes(model, PROMPTS, [(c[0], 0)], frames=0)
+  with pytest.raises(UsageError, match='loop: every frame of its bridge'):
+    prompting.extend(model, PROMPTS, c[:4], backward=True, loop=True)
+  gray16 = tmp_path / 'gray16.png'  # 16-bit gray: not clipped to white
+  Image.fromarray(np.full((32, 32), 128 * 257, np.uint16)).save(gray16)
+  assert (prompting.read_image(str(gray16), 32, 32)[0] == 128).all()
   gif = str(tmp_path / 'clip.gif')
   video.write(gif, clip(), fps=8)
   with pytest.raises(UsageError, match='it has 8 frames; a keyframe is one image'):
@@ -255,7 +279,6 @@ def test_bad_inputs_are_one_line_errors(conditioned_workdir, tmp_path):
   with pytest.raises(UsageError, match='use PATH@INDEX'):
     sample.parse_keyframes(['first.png'])
   assert sample.parse_keyframes(['a@b.png@-1']) == [('a@b.png', -1)]
-  model = sample.load(conditioned_workdir)
   with pytest.raises(UsageError, match='strength=0'):
     sample.generate(model, PROMPTS, edit=clip(), strength=0)
   plain = sample.Model(**{**model.__dict__, 'config': model.config.copy_and_resolve_references()})
