@@ -33,6 +33,8 @@ def fit_frames(frames_thwc: np.ndarray, height: int | None, width: int | None,
                 path: str) -> tuple[np.ndarray, str | None]:
   """(frames [T, height, width, 3], a note if they were resized to cover and center-cropped); height and
   width None: as they are."""
+  if frames_thwc.dtype != np.uint8 or frames_thwc.ndim != 4 or frames_thwc.shape[-1] != 3:
+    raise UsageError(f'{path}: frames {frames_thwc.dtype} {frames_thwc.shape}; expected uint8 [T, H, W, 3]')
   h, w = frames_thwc.shape[1:3]
   height, width = height or h, width or w
   if (h, w) == (height, width):

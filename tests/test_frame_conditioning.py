@@ -265,6 +265,8 @@ def test_bad_inputs_are_one_line_errors(conditioned_workdir, tmp_path):
     prompting.keyframes(model, PROMPTS, [(c[0], 0)], frames=0)
   with pytest.raises(UsageError, match='loop: every frame of its bridge'):
     prompting.extend(model, PROMPTS, c[:4], backward=True, loop=True)
+  with pytest.raises(UsageError, match=r'x: frames float64 \(8, 32, 32, 3\); expected uint8'):
+    prompting.fit_frames(c / 255, 16, 16, 'x')
   gray16 = tmp_path / 'gray16.png'  # 16-bit gray: not clipped to white
   Image.fromarray(np.full((32, 32), 128 * 257, np.uint16)).save(gray16)
   assert (prompting.read_image(str(gray16), 32, 32)[0] == 128).all()
