@@ -60,6 +60,11 @@ def validate_config(config, num_devices: int, platform: str | None = None) -> di
   if not config.sample.get('reconstruction_guidance', 0.0) >= 0:
     raise UsageError(f'config.sample.reconstruction_guidance={config.sample.reconstruction_guidance!r}: '
                      'must be >= 0 (0: off)')
+  base = config.objective.get('shift_base_tokens') or 0
+  shift = config.objective.get('time_shift', 1.0)
+  if not (isinstance(base, (int, float)) and base >= 0) or not shift > 0:
+    raise UsageError(f'config.objective: shift_base_tokens={base!r} must be >= 0 (0: no shift by size) and '
+                     f'time_shift={shift!r} positive')
   if not config.optim.learning_rate > 0 or config.optim.warmup_steps < 0:
     raise UsageError(f'config.optim: learning_rate={config.optim.learning_rate!r} must be positive and '
                      f'warmup_steps={config.optim.warmup_steps!r} non-negative')
@@ -326,7 +331,7 @@ def validate_sizes(config, autoencoder) -> None:
                      '(config.packing.row_length > 0) or buckets (config.buckets.tokens_per_step > 0)')
   for size in shapes_data.parse_sizes(sizes):
     try:
-      sample.check_size(config, autoencoder, *size)
+      sample.check_size(config, autoencoder, *size, names=('frames', 'height', 'width'))
     except UsageError as e:
       raise UsageError(f'config.data.sizes: {"x".join(map(str, size))}: {e}') from None
     if packing_on(config) and packing.tokens_of(size, config.model.patch) > config.packing.row_length:

@@ -104,7 +104,8 @@ def test_clips_of_several_sizes_need_packing_or_buckets_and_sizes_the_patch_divi
   config.packing.row_length = 0
   for bad in ('2x20x16', '3x16x16'):  # an image (1 frame) fits any temporal patch; 3 frames do not fit 2
     config.data.sizes = f'1x16x16,2x16x16,{bad}'
-    with pytest.raises(UsageError, match=rf'config.data.sizes: {bad}: config.model.patch=\(2, 8, 8\) does not divide'):
+    dim = 'height=20' if bad == '2x20x16' else 'frames=3'  # the item's own, not config.data.height's
+    with pytest.raises(UsageError, match=rf'config.data.sizes: {bad}: config.model.patch=\(2, 8, 8\) does not divide {dim}'):
       train.validate_config(config, 8)
   config.data.sizes = ''
   with pytest.raises(UsageError, match='buckets need clips of several sizes'):
@@ -112,6 +113,10 @@ def test_clips_of_several_sizes_need_packing_or_buckets_and_sizes_the_patch_divi
   config = shapes_native.get_config('tiny')
   config.data.sizes = '2x16x16,2x48x48'
   with pytest.raises(UsageError, match='2x48x48 is 36 patch tokens, more than config.packing.row_length=32'):
+    train.validate_config(config, 8)
+  config = shapes_native.get_config('tiny')
+  config.objective.shift_base_tokens = -5  # trained NaN before
+  with pytest.raises(UsageError, match='shift_base_tokens=-5 must be >= 0'):
     train.validate_config(config, 8)
 
 
