@@ -142,9 +142,7 @@ def generate_frames(model, prompts: list, given: dict, *, frames: int | None = N
     raise UsageError(f'prompts={prompts!r}: give a list of captions, e.g. ["a red circle"]')
   given = {_index(i, frames, 'given frame'): np.asarray(image) for i, image in given.items()}
   if loop:  # before any sampling
-    bridge = range(frames - check_loop(cfg, frames) // 2, frames)
-    if all(i in given for i in bridge):
-      raise UsageError(f'loop: every frame of its bridge (the last {len(bridge)}) is given: nothing to remake')
+    check_loop(cfg, frames, keep=given)
   for i, image in given.items():
     if image.dtype != np.uint8 or image.shape != (H, W, 3):
       raise UsageError(f'given frame {i}: {image.dtype} {image.shape}; expected uint8 {(H, W, 3)} '
@@ -170,15 +168,19 @@ def generate_frames(model, prompts: list, given: dict, *, frames: int | None = N
   return out
 
 
-def check_loop(cfg, frames: int) -> int:
+def check_loop(cfg, frames: int, keep=()) -> int:
   """The window T of the loop's bridge (`close_loop`) for an output of `frames` frames; a UsageError
-  if the output is shorter than one window or the window shorter than 4 frames."""
+  if the output is shorter than one window, the window shorter than 4 frames, or every frame of the
+  bridge (the last T // 2) is among the kept indices `keep` (negative: from the end)."""
   T = window_length(cfg, frames)
   if T < 4:
     raise UsageError(f'loop: needs a window of at least 4 frames; ' + (
         f'this model makes {T}' if T == window_length(cfg, 10**6) else f'an output of {frames} makes {T}'))
   if frames < T:
     raise UsageError(f'loop: needs an output of at least {T} frames (its bridge is one window), not {frames}')
+  kept = {i + frames if i < 0 else i for i in keep}
+  if all(i in kept for i in range(frames - T // 2, frames)):
+    raise UsageError(f'loop: every frame of its bridge (the last {T // 2}) is given: nothing to remake')
   return T
 
 
@@ -188,7 +190,7 @@ def close_loop(model, prompts: list, videos: np.ndarray, *, keep=(), seed: int =
   Frames at the indices `keep` (given keyframes) stay."""
   from sora_jax import sample
   n = videos.shape[1]
-  T = check_loop(model.config, n)
+  T = check_loop(model.config, n, keep)
   new, before = T // 2, T // 4
   after = T - new - before
   window = np.concatenate([videos[:, n - new - before:n - new], videos[:, n - new:], videos[:, :after]], axis=1)
@@ -198,8 +200,6 @@ def close_loop(model, prompts: list, videos: np.ndarray, *, keep=(), seed: int =
     i = i + n if i < 0 else i
     if n - new <= i < n:
       mask[before + i - (n - new)] = True
-  if mask.all():
-    raise UsageError(f'loop: every frame of its bridge (the last {new}) is given: nothing to remake')
   clips = sample.generate(model, prompts, seed=seed + 7919 * 999, given=window, given_mask=mask,
                           size=window.shape[1:4], **sample_kw)
   return np.concatenate([videos[:, :n - new], clips[:, before:before + new]], axis=1)

@@ -527,7 +527,9 @@ def run_prompting(model: Model, prompts: list, keyframe_specs: list, edit_clip=N
 
   if FLAGS.edit:
     T, H, W = edit_thw
-    clip = read(lambda path, h, w: prompting.fit_frames(edit_clip, h, w, path), FLAGS.edit)
+    clip, note = prompting.fit_frames(edit_clip, H, W, FLAGS.edit)
+    if note:
+      print(note)
     source = None if FLAGS.source_prompt is None else [FLAGS.source_prompt] * len(prompts)
     videos, note = prompting.edit(model, prompts, clip, frames=T, strength=FLAGS.strength,
                                   edit_method=FLAGS.edit_method, source_prompts=source,
