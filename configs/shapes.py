@@ -19,9 +19,9 @@ Right per prompting mode (100 unseen rendered inputs each): image-to-video 1.00 
 the weak spot: the model barely reads it off the given frames, experiments/extension_probe.py), SDEdit to another color 0.72 / 0.77
 (--strength=0.7 --guidance_scale=3); FlowEdit (--edit_method=flowedit, December 2026, a model retrained then)
 0.80-0.89 where SDEdit gave 0.64-0.68 with one noise a step, 0.82-0.96 with the 4 it now averages (0.77-0.91
-with one, the same model and cases); reconstruction guidance (--reconstruction_guidance=15, off by default)
-extension 0.63 and backward 0.59 against 0.58 / 0.53, interpolation 0.88 against 0.97 (a model retrained
-2026-12-07). With learning rate 1e-3 (the default before): shape 0.75, FVD 23.0, extension 0.58, backward 0.54,
+with one, the same model and cases); reconstruction guidance (--reconstruction_guidance=15, on by default for
+extensions only) extension 0.63 and backward 0.59 against 0.58 / 0.53, interpolation 0.88 against 0.97 (a model
+retrained 2026-12-07). With learning rate 1e-3 (the default before): shape 0.75, FVD 23.0, extension 0.58, backward 0.54,
 SDEdit 0.83.
 
 Variants (comma-separated after the colon): `tiny`, a seconds-long smoke run (tests use it);
@@ -150,9 +150,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_steps=32, guidance_scale=2.0, time_shift=1.0, fps=8,  # guidance 3+ rounds square corners
       stochasticity=0.5,  # fresh noise per step: lets late steps clean up ragged edges (0: the ODE)
       frame_guidance_scale=1.0,  # guidance toward given frames (image-to-video, ...); 1: none extra
-      # Reconstruction guidance (Ho et al., 2022) with given frames, e.g. 15: extension and backward extension
-      # +0.05 to +0.17, interpolation -0.01 to -0.09, twice the sampling time (README, "Prompting"); 0: off.
+      # Reconstruction guidance (Ho et al., 2022) with given frames, twice the sampling time (README,
+      # "Prompting"); 0: off. Where the given frames are one run at the start or the end (extension either
+      # way, each window of a long video) at 15: +0.03 to +0.17 right; elsewhere (keyframes, interpolation,
+      # a loop) off, as it costs interpolation 0.01 to 0.09. --reconstruction_guidance sets both.
       reconstruction_guidance=0.0,
+      extension_reconstruction_guidance=15.0,
       prompts=PROMPTS,  # written to WORKDIR/samples/ at the end of training
       max_tokens=1024,  # the largest sample (in spacetime patches) sampling accepts (--frames/--height/--width)
   )

@@ -48,7 +48,8 @@ flags.DEFINE_integer('flowedit_noise_draws', None, 'With --edit_method=flowedit:
 flags.DEFINE_float('max_error_px', 1.5, 'Largest mean centroid error (pixels) of a right path.')
 flags.DEFINE_float('guidance_scale', None, 'Text guidance scale (default: config; edits: sample.edit_settings).')
 flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config).')
-flags.DEFINE_float('reconstruction_guidance', None, 'Reconstruction guidance with given frames (default: config).')
+flags.DEFINE_float('reconstruction_guidance', None, 'Reconstruction guidance with given frames (default: the '
+                   "config's, as sampling: extension_reconstruction_guidance for extend / extend_backward).")
 flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
 flags.DEFINE_float('stochasticity', None, 'Fresh noise per sampling step in [0, 1] (default: config).')
 flags.DEFINE_float('time_shift', None, 'Sampling time shift (> 1: more steps at high noise; default: config).')

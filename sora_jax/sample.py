@@ -198,7 +198,8 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   the frames `given_mask` (bool [T]) are kept and the rest generated around them; they come back
   unchanged (in pixel space exactly). `frame_guidance_scale` != 1 guides toward them separately;
   `reconstruction_guidance` > 0 ties the generated frames' motion to theirs (`rf.reconstruction_correction`;
-  about twice the sampling time).
+  about twice the sampling time); unset, it is `config.sample.extension_reconstruction_guidance` where the
+  given frames are an extension's (`is_extension`), else `config.sample.reconstruction_guidance`.
   Through a causal VAE a given frame conditions the latent frame that holds it (the first
   latent frame holds frame 0 alone; later ones 4 frames, whose other frames then come along).
   SDEdit: `edit` uint8 [T, H, W, 3] (or one per prompt) noised to level `strength` in (0, 1] and
@@ -226,8 +227,9 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
   time_shift = cfg.sample.time_shift if time_shift is None else time_shift
   if frame_guidance_scale is None:
     frame_guidance_scale = cfg.sample.get('frame_guidance_scale', 1.0)
-  if reconstruction_guidance is None:
-    reconstruction_guidance = cfg.sample.get('reconstruction_guidance', 0.0)  # workdirs from before the option
+  if reconstruction_guidance is None:  # workdirs from before these options: 0
+    field = 'extension_reconstruction_guidance' if given is not None and is_extension(given_mask) else 'reconstruction_guidance'
+    reconstruction_guidance = cfg.sample.get(field, 0.0)
   if not reconstruction_guidance >= 0:
     raise UsageError(f'reconstruction_guidance={reconstruction_guidance}: use a scale >= 0 (0: off)')
   if stochasticity is None:
@@ -291,6 +293,14 @@ def generate(model: Model, prompts: list, *, seed: int = 0, num_steps: int | Non
                             frame_guidance=given is not None and frame_guidance_scale != 1.0,
                             reconstruction=given is not None and reconstruction_guidance > 0)
   return _to_videos(model, latents, size)
+
+
+def is_extension(given_mask) -> bool:
+  """Whether the given frames (bool [T]) are one run of 2 or more at the start or at the end, but not all:
+  a video continued forward or backward, whose motion they show."""
+  mask = np.asarray(given_mask, bool)
+  k = int(mask.sum())
+  return 2 <= k < mask.size and bool(mask[:k].all() or mask[-k:].all())
 
 
 def _to_videos(model: Model, latents, size: tuple[int, int, int]) -> np.ndarray:
@@ -436,7 +446,8 @@ def define_flags():
   flags.DEFINE_float('frame_guidance_scale', None, 'Guidance toward given frames (default: config; 1: none '
                      'beyond the text guidance).')
   flags.DEFINE_float('reconstruction_guidance', None, 'Reconstruction guidance with given frames (default: '
-                     'config; 0: off): ties the generated motion to theirs, at about twice the sampling time.')
+                     'the config\'s, for --extend / --extend_backward / long outputs its extension_reconstruction_guidance; '
+                     '0: off): ties the generated motion to theirs, at about twice the sampling time.')
 
 
 def output_paths(out: str, count: int) -> list[str]:

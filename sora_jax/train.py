@@ -57,9 +57,9 @@ def validate_config(config, num_devices: int, platform: str | None = None) -> di
                 'sample.stochasticity'):
     if not 0 <= _get(config, field) <= 1:
       raise UsageError(f'config.{field}={_get(config, field)!r}: must be in [0, 1]')
-  if not config.sample.get('reconstruction_guidance', 0.0) >= 0:
-    raise UsageError(f'config.sample.reconstruction_guidance={config.sample.reconstruction_guidance!r}: '
-                     'must be >= 0 (0: off)')
+  for field in ('reconstruction_guidance', 'extension_reconstruction_guidance'):
+    if not config.sample.get(field, 0.0) >= 0:
+      raise UsageError(f'config.sample.{field}={config.sample[field]!r}: must be >= 0 (0: off)')
   base = config.objective.get('shift_base_tokens') or 0
   shift = config.objective.get('time_shift', 1.0)
   if not (isinstance(base, (int, float)) and base >= 0) or not shift > 0:

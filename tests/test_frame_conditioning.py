@@ -120,6 +120,15 @@ def test_the_dit_marks_given_frames_and_an_empty_mask_is_no_mask():
     tiny_dit(False)(x, t, tokens, tmask, frame_mask_bt=jnp.zeros((2, 4), bool))
 
 
+@pytest.mark.parametrize('given, expected', [
+    ('11110000', True), ('00001111', True), ('11000000', True),  # extension, backward, a shorter clip
+    ('10000000', False), ('10000001', False), ('11110001', False),  # image-to-video, interpolation, a loop's bridge
+    ('01110000', False), ('11111111', False), ('00000000', False)])
+def test_extensions_are_one_run_of_given_frames_at_either_end(given, expected):
+  from sora_jax import sample
+  assert sample.is_extension([c == '1' for c in given]) is expected
+
+
 @pytest.mark.parametrize('frames, window, backward, expected', [
     (8, 8, False, [0]), (5, 8, False, [0]), (16, 8, False, [0, 4, 8]), (13, 8, False, [0, 4, 5]),
     (13, 8, True, [5, 1, 0]),
@@ -179,12 +188,20 @@ def test_every_mode_returns_the_given_frames_unchanged(conditioned_workdir):
   wide = clip(frames=4)[:, :, np.r_[0:32, 0:16]]  # 32 x 48: given frames of another size set the output's
   v, _ = prompting.extend(model, PROMPTS[:1], wide, **kw)
   assert v.shape == (1, 8, 32, 48, 3) and (v[0, :4] == wide).all()
-  # Reconstruction guidance changes the generated frames, never the given ones; the config's default is off.
-  plain, _ = prompting.extend(model, PROMPTS, c[:4], **kw)
-  assert model.config.sample.reconstruction_guidance == 0
+  # Reconstruction guidance changes the generated frames, never the given ones. By default it guides
+  # extensions (the config's extension_reconstruction_guidance) and nothing else.
+  plain, _ = prompting.extend(model, PROMPTS, c[:4], reconstruction_guidance=0.0, **kw)
   guided, _ = prompting.extend(model, PROMPTS, c[:4], reconstruction_guidance=50.0, **kw)
   assert (plain[:, :4] == c[:4]).all() and (guided[:, :4] == c[:4]).all()
   assert not np.array_equal(plain[:, 4:], guided[:, 4:])
+  sample_cfg = model.config.sample
+  assert sample_cfg.reconstruction_guidance == 0 and sample_cfg.extension_reconstruction_guidance == 15
+  by_default, _ = prompting.extend(model, PROMPTS, c[:4], **kw)
+  np.testing.assert_array_equal(by_default, prompting.extend(model, PROMPTS, c[:4], reconstruction_guidance=15.0, **kw)[0])
+  assert not np.array_equal(by_default, plain)
+  ends = [(c[0], 0), (c[7], 7)]
+  np.testing.assert_array_equal(prompting.keyframes(model, PROMPTS, ends, **kw),
+                                prompting.keyframes(model, PROMPTS, ends, reconstruction_guidance=0.0, **kw))
   with pytest.raises(UsageError, match='reconstruction_guidance=-1'):
     prompting.extend(model, PROMPTS, c[:4], reconstruction_guidance=-1.0, **kw)
   # The same seed and prompt give the same video whatever else is in the batch.

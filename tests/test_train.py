@@ -150,6 +150,7 @@ def test_checkpoint_round_trip_restores_every_array(tiny_config, tmp_path):
     ('model.remat', 'some', "config.model.remat='some'"),
     ('model.text_embedding_std', 0.0, 'config.model.text_embedding_std=0.0: must be positive'),
     ('sample.reconstruction_guidance', -1.0, 'config.sample.reconstruction_guidance=-1.0: must be >= 0'),
+    ('sample.extension_reconstruction_guidance', -2.0, 'config.sample.extension_reconstruction_guidance=-2.0: must be >= 0'),
     ('mesh.tensor', 3, 'config.mesh'),
     ('model.patch', (3, 8, 8), 'config.data.frames=8'),
     ('model.num_heads', 5, 'config.model.num_heads=5'),
