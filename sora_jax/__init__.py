@@ -17,9 +17,19 @@ def ensure_writable_dir(directory: str, flag: str) -> None:
     raise UsageError(f'{flag}: cannot write to {directory}: {e.strerror or e}') from None
 
 
+# Orbax warnings that tell a user nothing: a restore opens the checkpoints read-only, and Orbax registers
+# its own jax.Array handler twice.
+_ORBAX_NOISE = ('Given directory is read only', 'Type handler registry type')
+
+
 def quiet_library_logs() -> None:
-  """Keeps absl INFO lines from sora_jax only (Orbax logs every file it reads or writes); warnings pass."""
+  """Keeps absl INFO lines from sora_jax only (Orbax logs every file it reads or writes); warnings pass,
+  but for `_ORBAX_NOISE`."""
   import logging
   from absl import logging as absl_logging
-  absl_logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.WARNING or '/sora_jax/' in r.pathname)
+
+  def keep(record) -> bool:
+    if '/orbax/' in record.pathname and str(record.msg).startswith(_ORBAX_NOISE):
+      return False
+    return record.levelno >= logging.WARNING or '/sora_jax/' in record.pathname
+  absl_logging.get_absl_handler().addFilter(keep)

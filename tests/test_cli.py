@@ -44,6 +44,7 @@ def test_main_trains_and_sample_writes_a_video(data_dir, tmp_path):
   assert video.read(path).shape == (8, 32, 32, 3)
   # Orbax's INFO lines (a dozen per restore) are kept out of a user's terminal.
   assert not [l for l in result.stderr.splitlines() if l.startswith('I') and 'checkpoint' in l], result.stderr
+  assert 'read only' not in result.stderr and 'Type handler registry' not in result.stderr  # nor its noise
 
 
 def test_sample_from_a_workdir_without_checkpoint_is_a_one_line_error(tmp_path):
