@@ -221,8 +221,8 @@ def given_frames(frames: int, keyframes: list = (), clip_thwc: np.ndarray | None
       if keep < 1:
         raise UsageError(f'extend: an output of {frames} frame(s) leaves no frame to generate')
       clip_thwc = clip_thwc[:keep] if backward else clip_thwc[g - keep:]
-      note = (f'extend: the video has {g} frames, the output {frames}: keeping its '
-              f'{"first" if backward else "last"} {keep}')
+      note = (f'{"extend_backward" if backward else "extend"}: the video has {g} frames, the output {frames}: '
+              f'keeping its {"first" if backward else "last"} {keep}')
     offset = frames - len(clip_thwc) if backward else 0
     given.update({offset + i: f for i, f in enumerate(clip_thwc)})
   from_clip = set(given)

@@ -180,7 +180,7 @@ def test_every_mode_returns_the_given_frames_unchanged(conditioned_workdir):
   v, note = prompting.extend(model, PROMPTS, c[:3], frames=13, **kw)  # 3 windows
   assert v.shape[1] == 13 and (v[:, :3] == c[:3]).all() and note is None
   v, note = prompting.extend(model, PROMPTS, c, backward=True, **kw)
-  assert (v[:, 4:] == c[:4]).all() and 'keeping its first 4' in note
+  assert (v[:, 4:] == c[:4]).all() and note.startswith('extend_backward:') and 'keeping its first 4' in note
   v = prompting.keyframes(model, PROMPTS, [(c[0], 0), (c[6], -2)], loop=True, **kw)
   assert v.shape[1] == 8 and (v[:, 0] == c[0]).all() and (v[:, 6] == c[6]).all()
   v, _ = prompting.edit(model, PROMPTS, c, strength=0.5, **kw)
