@@ -51,7 +51,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sora_jax import UsageError, optim, sample, sharding, train
+from sora_jax import UsageError, init_devices, optim, sample, sharding, train
 from sora_jax.data import packing
 from sora_jax.models import autoencoder as autoencoder_lib
 from sora_jax.models import dit
@@ -444,6 +444,7 @@ def config_name() -> str:
 
 def main(argv):
   del argv
+  init_devices()
   config = FLAGS.config
   topology = FLAGS.topology
   try:

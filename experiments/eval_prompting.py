@@ -31,7 +31,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from sora_jax import UsageError, quiet_library_logs, video
+from sora_jax import UsageError, init_devices, quiet_library_logs, video
 from sora_jax.data import shapes
 from sora_jax.eval import adherence
 
@@ -67,6 +67,7 @@ def random_case(rng: np.random.Generator, cfg) -> dict:
 def main(argv):
   del argv
   quiet_library_logs()  # Orbax's INFO lines: only the JSON result matters here
+  init_devices()
   from sora_jax import sample
   try:
     if not FLAGS.workdir:

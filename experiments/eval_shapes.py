@@ -28,7 +28,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from sora_jax import UsageError, quiet_library_logs, video
+from sora_jax import UsageError, init_devices, quiet_library_logs, video
 from sora_jax.data import shapes
 from sora_jax.eval import adherence, classifier, fvd
 
@@ -72,6 +72,7 @@ def judge_on_truth(clf, size, object_size: int, n: int = 252) -> dict:
 def main(argv):
   del argv
   quiet_library_logs()  # Orbax's INFO lines: only the JSON result matters here
+  init_devices()
   from sora_jax import sample  # after flag parsing: importing jax early is harmless but slow
   try:
     if not FLAGS.workdir:

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from sora_jax import UsageError, quiet_library_logs
+from sora_jax import UsageError, init_devices, quiet_library_logs
 from sora_jax.data import shapes
 from sora_jax.diffusion import frame_conditioning as fc
 from sora_jax.diffusion import rectified_flow as rf
@@ -39,6 +39,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   quiet_library_logs()  # Orbax's INFO lines: only the JSON result matters here
+  init_devices()
   from sora_jax import sample
   try:
     if not FLAGS.workdir:

@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
 import sora_jax.text as text_lib
-from sora_jax import UsageError, ensure_writable_dir, main, quiet_library_logs, sharding
+from sora_jax import UsageError, ensure_writable_dir, init_devices, main, quiet_library_logs, sharding
 from sora_jax.data import pipeline
 from sora_jax.models import autoencoder as autoencoder_lib
 
@@ -222,6 +222,7 @@ def run(argv):
   del argv
   quiet_library_logs()
   main.initialize_distributed()
+  init_devices()
   try:
     encoded_dir = encode(FLAGS.config, FLAGS.workdir)
   except UsageError as e:

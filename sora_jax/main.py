@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sora_jax import UsageError, quiet_library_logs, train, train_vae
+from sora_jax import UsageError, init_devices, quiet_library_logs, train, train_vae
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py[:variant]).',
@@ -96,6 +96,7 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   initialize_distributed()
+  init_devices()
   logging.info('JAX %s, process %d/%d, %d devices', jax.__version__, jax.process_index(),
                jax.process_count(), jax.device_count())
   try:

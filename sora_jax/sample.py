@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from sora_jax import UsageError, checkpoint, ensure_writable_dir, quiet_library_logs, sharding, video
+from sora_jax import UsageError, checkpoint, ensure_writable_dir, init_devices, quiet_library_logs, sharding, video
 from sora_jax.data import packing
 from sora_jax.diffusion import frame_conditioning as fc
 from sora_jax.diffusion import rectified_flow as rf
@@ -563,6 +563,7 @@ def run_prompting(model: Model, prompts: list, keyframe_specs: list, edit_clip=N
 def main(argv):
   del argv
   quiet_library_logs()
+  init_devices()
   try:
     if not FLAGS.workdir or not FLAGS.prompt:
       raise UsageError('--workdir and --prompt are required')

@@ -53,9 +53,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def subprocess_env(devices: int, **extra) -> dict:
-  """The environment of a test's subprocess: this session's, on `devices` simulated CPU devices."""
-  return dict(os.environ, XLA_FLAGS=f'{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}',
-              JAX_PLATFORMS='cpu', **extra)
+  """The environment of a test's subprocess: this session's, on `devices` simulated CPU devices (`extra` overrides)."""
+  return {**os.environ, 'XLA_FLAGS': f'{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}',
+          'JAX_PLATFORMS': 'cpu', **extra}
 
 
 @pytest.fixture(scope='session')

@@ -14,8 +14,8 @@ from tests.conftest import subprocess_env
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(*args):
-  env = subprocess_env(2)
+def run(*args, **env):
+  env = subprocess_env(2, **env)
   return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)
 
@@ -38,13 +38,16 @@ def test_main_trains_and_sample_writes_a_video(data_dir, tmp_path):
   # .mp4 here, from the raw parameters; the prompting flags' test (test_frame_conditioning.py) samples
   # .gif and .png from the EMA ones.
   path = str(tmp_path / 'red.mp4')
+  # JAX picks its platforms itself, as for a user: with the 'tpu' extra installed (as CI does), its first
+  # device query loads libtpu, which printed five lines about TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES.
   result = run('sora_jax.sample', f'--workdir={workdir}', '--prompt=a red circle moving right',
-               f'--out={path}', '--steps=3', '--guidance_scale=2', '--seed=1', '--params=raw')
+               f'--out={path}', '--steps=3', '--guidance_scale=2', '--seed=1', '--params=raw', JAX_PLATFORMS='')
   assert result.returncode == 0, result.stderr[-3000:]
   assert video.read(path).shape == (8, 32, 32, 3)
   # Orbax's INFO lines (a dozen per restore) are kept out of a user's terminal.
   assert not [l for l in result.stderr.splitlines() if l.startswith('I') and 'checkpoint' in l], result.stderr
   assert 'read only' not in result.stderr and 'Type handler registry' not in result.stderr  # nor its noise
+  assert 'TPU_WORKER_HOSTNAMES' not in result.stderr and 'InitGoogle' not in result.stderr, result.stderr
 
 
 def test_sample_from_a_workdir_without_checkpoint_is_a_one_line_error(tmp_path):
