@@ -168,8 +168,10 @@ def clip(direction='right', color='red', frames=8):
 PROMPTS = ['a red circle moving right', 'a blue square moving up']
 
 
-def test_every_mode_returns_the_given_frames_unchanged(conditioned_workdir):
+def test_every_mode_returns_the_given_frames_unchanged(conditioned_workdir, caplog):
+  import logging
   from sora_jax import UsageError, sample
+  caplog.set_level(logging.INFO, logger='absl')
   model = sample.load(conditioned_workdir)
   c = clip()
   kw = dict(num_steps=2)
@@ -177,10 +179,18 @@ def test_every_mode_returns_the_given_frames_unchanged(conditioned_workdir):
   assert v.shape == (2, 8, 32, 32, 3) and (v[:, 0] == c[0]).all()
   v = prompting.keyframes(model, PROMPTS, [(c[0], 0), (c[-1], -1)], frame_guidance_scale=2.0, **kw)
   assert (v[:, 0] == c[0]).all() and (v[:, -1] == c[-1]).all()
+  caplog.clear()
   v, note = prompting.extend(model, PROMPTS, c[:3], frames=13, **kw)  # 3 windows
   assert v.shape[1] == 13 and (v[:, :3] == c[:3]).all() and note is None
+  # A long video reports each window with its time and an ETA; a one-window output reports nothing.
+  progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith('window ')]
+  assert [m.split(':')[0] for m in progress] == [
+      'window 1/3 (frames 0-7)', 'window 2/3 (frames 4-11)', 'window 3/3 (frames 5-12)']
+  assert all(', ETA ' in m for m in progress), progress
+  caplog.clear()
   v, note = prompting.extend(model, PROMPTS, c, backward=True, **kw)
   assert (v[:, 4:] == c[:4]).all() and note.startswith('extend_backward:') and 'keeping its first 4' in note
+  assert not [r for r in caplog.records if r.getMessage().startswith('window ')]
   v = prompting.keyframes(model, PROMPTS, [(c[0], 0), (c[6], -2)], loop=True, **kw)
   assert v.shape[1] == 8 and (v[:, 0] == c[0]).all() and (v[:, 6] == c[6]).all()
   v, _ = prompting.edit(model, PROMPTS, c, strength=0.5, **kw)
