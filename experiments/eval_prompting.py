@@ -89,6 +89,7 @@ def main(argv):
     result = dict(workdir=FLAGS.workdir, step=model.step, cases=FLAGS.cases, max_error_px=FLAGS.max_error_px)
     start = time.time()
     exact = []
+    batches, done = len(modes) * -(-FLAGS.cases // FLAGS.batch), 0
     for mode in modes:
       right, errors, speed_ratios, speeds = [], [], [], []
       for first in range(0, FLAGS.cases, FLAGS.batch):
@@ -142,6 +143,10 @@ def main(argv):
           judged = [e <= FLAGS.max_error_px and adherence.judge_color(v) == shapes.parse_caption(p)[0]
                     for e, v, p in zip(errs, videos, prompts)]
         right.extend(judged)
+        done += 1  # progress on stderr (stdout is the JSON line); the ETA at the pace so far
+        elapsed = time.time() - start
+        print(f'{mode}: {len(right)}/{FLAGS.cases} cases, {np.mean(right):.2f} right | {elapsed:.0f} s, '
+              f'ETA {elapsed / done * (batches - done):.0f} s', file=sys.stderr, flush=True)
         if FLAGS.out_dir and first == 0:
           for i, (v, c, p, ok) in enumerate(zip(videos, clips, prompts, judged)):
             name = f'{mode}_{i:03d}_{"right" if ok else "wrong"}_{p.replace(" ", "_")}.gif'

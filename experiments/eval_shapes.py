@@ -92,14 +92,18 @@ def main(argv):
       prompts = [source[i]['caption'].decode() for i in range(len(source))]
     else:
       prompts, videos = [], []
+      captions = all_captions(images=size is not None and size[0] == 1)
+      total = FLAGS.seeds * len(captions)
       for seed in range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.seeds):
-        captions = all_captions(images=size is not None and size[0] == 1)
         for i in range(0, len(captions), FLAGS.batch):
           chunk = captions[i:i + FLAGS.batch]
           videos.extend(sample.generate(model, chunk, seed=seed * 100 + i, num_steps=FLAGS.steps,
                                         guidance_scale=FLAGS.guidance_scale, time_shift=FLAGS.time_shift,
                                         stochasticity=FLAGS.stochasticity, size=size))
           prompts.extend(chunk)
+          elapsed = time.time() - start  # progress on stderr (stdout is the JSON line)
+          eta = elapsed / len(videos) * (total - len(videos))
+          print(f'{len(videos)}/{total} videos | {elapsed:.0f} s, ETA {eta:.0f} s', file=sys.stderr, flush=True)
     if FLAGS.out_dir:
       for i, (p, v) in enumerate(zip(prompts, videos)):
         video.write(os.path.join(FLAGS.out_dir, f'{i:04d}_{p.replace(" ", "_")}.gif'), v)
