@@ -116,14 +116,20 @@ def native_sizes(cfg) -> bool:
   return bool(cfg.get('packing') and cfg.packing.get('row_length') and cfg.data.get('sizes'))
 
 
-def window_length(cfg, frames: int) -> int:
+def window_length(cfg, frames: int, round_up: bool = True) -> int:
   """Frames made in one pass: the training length T, or for a model trained at native sizes
-  (packed, `config.data.sizes`) the output's own length up to the longest clip it trained on
-  (a clip: a multiple of the temporal patch; an image: one frame)."""
+  (packed, `config.data.sizes`) the output's own length up to the longest clip it trained on (a
+  clip: a multiple of the temporal patch, rounded up where it may be and the extra frames cut
+  afterwards, so 15 frames are one pass of 16 rather than two overlapping passes of 14; an image: one
+  frame). `round_up=False`: a window no longer than `frames` (a loop's bridge lies inside the output)."""
   if native_sizes(cfg):
     from sora_jax.data import shapes
-    n = min(frames, max(size[0] for size in shapes.parse_sizes(cfg.data.sizes)))
-    return n if n == 1 else max(n - n % cfg.model.patch[0], cfg.model.patch[0])
+    longest, patch = max(size[0] for size in shapes.parse_sizes(cfg.data.sizes)), cfg.model.patch[0]
+    n = min(frames, longest)
+    if n == 1:
+      return 1
+    up = -(-n // patch) * patch
+    return up if round_up and up <= longest else max(n - n % patch, patch)
   return cfg.data.frames
 
 
@@ -186,7 +192,7 @@ def check_loop(cfg, frames: int, keep=()) -> int:
   """The window T of the loop's bridge (`close_loop`) for an output of `frames` frames; a UsageError
   if the output is shorter than one window, the window shorter than 4 frames, or every frame of the
   bridge (the last T // 2) is among the kept indices `keep` (negative: from the end)."""
-  T = window_length(cfg, frames)
+  T = window_length(cfg, frames, round_up=False)
   if T < 4:
     raise UsageError(f'loop: needs a window of at least 4 frames; ' + (
         f'this model makes {T}' if T == window_length(cfg, 10**6) else f'an output of {frames} makes {T}'))
@@ -280,15 +286,19 @@ def edit(model, prompts: list, clip_thwc: np.ndarray, *, frames: int | None = No
   (with `source_prompts`, the clip's captions) edits by FlowEdit instead (`sample.generate`). Uses the
   clip's first T frames, at the clip's height and width: T is `frames`, else one window (`window_length`:
   the training length, or a native-size model's the clip's own up to its longest); a shorter clip holds
-  its last frame (said in the note)."""
+  its last frame (said in the note). A native-size model's window may be the clip's length rounded up to
+  whole temporal patches: its last frame is held for the pass and cut from the output again."""
   from sora_jax import sample
-  T = window_length(model.config, len(clip_thwc)) if frames is None else frames
+  n = len(clip_thwc)
+  T = window_length(model.config, n) if frames is None else frames
   if T < 1:
     raise UsageError(f'frames={T}: need at least one frame')
+  out_frames = n if frames is None and native_sizes(model.config) and n < T else T
   note = None
-  if len(clip_thwc) != T:
-    note = f'edit: the video has {len(clip_thwc)} frame{"s" if len(clip_thwc) > 1 else ""}; using {T}' + (
-        ' (its last frame held)' if len(clip_thwc) < T else ' (its first ones)')
-    clip_thwc = np.concatenate([clip_thwc, np.repeat(clip_thwc[-1:], max(T - len(clip_thwc), 0), 0)])[:T]
-  return sample.generate(model, prompts, seed=seed, edit=clip_thwc, strength=strength, size=clip_thwc.shape[:3],
-                         **sample_kw), note
+  if out_frames != n:
+    note = f'edit: the video has {n} frame{"s" if n > 1 else ""}; using {out_frames}' + (
+        ' (its last frame held)' if n < out_frames else ' (its first ones)')
+  clip_thwc = np.concatenate([clip_thwc, np.repeat(clip_thwc[-1:], max(T - n, 0), 0)])[:T]
+  videos = sample.generate(model, prompts, seed=seed, edit=clip_thwc, strength=strength, size=clip_thwc.shape[:3],
+                           **sample_kw)
+  return videos[:, :out_frames], note

@@ -537,12 +537,12 @@ def run_prompting(model: Model, prompts: list, keyframe_specs: list, edit_clip=N
     return frames
 
   if FLAGS.edit:
-    T, H, W = edit_thw
+    _, H, W = edit_thw  # its frames: prompting.edit's, from --frames or the clip (as edit_size's)
     clip, note = prompting.fit_frames(edit_clip, H, W, FLAGS.edit)
     if note:
       print(note)
     source = None if FLAGS.source_prompt is None else [FLAGS.source_prompt] * len(prompts)
-    videos, note = prompting.edit(model, prompts, clip, frames=T, strength=FLAGS.strength,
+    videos, note = prompting.edit(model, prompts, clip, frames=FLAGS.frames, strength=FLAGS.strength,
                                   edit_method=FLAGS.edit_method, source_prompts=source,
                                   flowedit_noise_draws=FLAGS.flowedit_noise_draws, **kw)
     if note:

@@ -415,5 +415,31 @@ def test_a_native_model_makes_an_image_or_a_short_clip_in_one_pass():
   from sora_jax import prompting
   native, fixed = shapes_native.get_config(), shapes.get_config()
   assert native.model.patch[0] == 2
-  assert [prompting.window_length(native, f) for f in (1, 8, 12, 13, 40)] == [1, 8, 12, 12, 16]
+  # Rounded up to whole temporal patches (then cut): 3 frames are one pass of 4, 15 one pass of 16.
+  assert [prompting.window_length(native, f) for f in (1, 3, 8, 12, 13, 15, 40)] == [1, 4, 8, 12, 14, 16, 16]
   assert [prompting.window_length(fixed, f) for f in (1, 8, 40)] == [8, 8, 8]  # windows of T, then cut
+  assert prompting.check_loop(native, 5) == 4  # a loop's bridge lies inside the output: rounded down
+
+
+def test_a_native_model_edits_a_clip_at_its_own_length_through_whole_patches(monkeypatch):
+  import os
+  import sys
+  import types
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import shapes_native
+  from sora_jax import prompting, sample
+  passes = []
+
+  def generate(model, prompts, *, edit, size, **kw):  # the clip back: only lengths matter here
+    passes.append(size)
+    return np.repeat(edit[None], len(prompts), axis=0)
+  monkeypatch.setattr(sample, 'generate', generate)
+  model = types.SimpleNamespace(config=shapes_native.get_config())
+  clip = np.random.default_rng(0).integers(0, 256, (13, 32, 32, 3), dtype=np.uint8)
+  out, note = prompting.edit(model, ['a blue circle moving right'], clip)  # one pass of 14, cut to 13
+  assert passes[-1] == (14, 32, 32) and out.shape == (1, 13, 32, 32, 3) and note is None
+  assert (out[0] == clip).all()
+  out, note = prompting.edit(model, ['a blue circle moving right'], clip, frames=8)
+  assert out.shape[1] == 8 and note == 'edit: the video has 13 frames; using 8 (its first ones)'
+  out, note = prompting.edit(model, ['a blue circle moving right'], np.concatenate([clip, clip]))  # 26 > 16
+  assert out.shape[1] == 16 and note == 'edit: the video has 26 frames; using 16 (its first ones)'
