@@ -94,7 +94,8 @@ def read_video(path: str, height: int, width: int) -> tuple[np.ndarray, str | No
   return fit_frames(frames, height, width, path)
 
 
-def _index(index: int, frames: int, what: str) -> int:
+def frame_index(index: int, frames: int, what: str) -> int:
+  """Output frame `index` (negative: from the end) of `frames`; a UsageError naming `what` outside it."""
   i = index + frames if index < 0 else index
   if not 0 <= i < frames:
     raise UsageError(f'{what} @{index}: outside an output of {frames} frame{"s" if frames > 1 else ""}')
@@ -148,7 +149,7 @@ def generate_frames(model, prompts: list, given: dict, *, frames: int | None = N
     raise UsageError(f'frames={frames}: need at least one frame')
   if isinstance(prompts, (str, bytes)):
     raise UsageError(f'prompts={prompts!r}: give a list of captions, e.g. ["a red circle"]')
-  given = {_index(i, frames, 'given frame'): np.asarray(image) for i, image in given.items()}
+  given = {frame_index(i, frames, 'given frame'): np.asarray(image) for i, image in given.items()}
   if loop:  # before any sampling
     check_loop(cfg, frames, keep=given)
   for i, image in given.items():
@@ -247,7 +248,7 @@ def given_frames(frames: int, keyframes: list = (), clip_thwc: np.ndarray | None
     given.update({offset + i: f for i, f in enumerate(clip_thwc)})
   from_clip = set(given)
   for image, index in keyframes:
-    i = _index(index, frames, 'keyframe')
+    i = frame_index(index, frames, 'keyframe')
     if i in given:  # two frames for one place: neither may win silently
       raise UsageError(f'keyframe @{index}: output frame {i} is already given by '
                        f'{"the video" if i in from_clip else "another keyframe"}')

@@ -580,6 +580,8 @@ def main(argv):
       if note:
         print(note)
     frames = edit_thw[0] if FLAGS.edit else FLAGS.frames or cfg.data.frames
+    for _, index in keyframe_specs:  # before any file is read or the model loaded
+      prompting.frame_index(index, frames, 'keyframe')
     if paths[0].lower().endswith('.png') and frames != 1:
       raise UsageError(f'--out={FLAGS.out}: a .png holds one frame; pass --frames=1 or write .mp4/.gif')
     if not FLAGS.edit and (FLAGS.height or FLAGS.width or FLAGS.frames):  # each window of the output

@@ -395,7 +395,9 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
       common + [out('x.gif'), '--loop', f'--extend_backward={tmp_path}/clip.gif'],
       common + [out('x.gif'), f'--extend={tmp_path}/clip.gif', f'--keyframe={tmp_path}/last.png@2'],
       common + [out('edit4.gif'), f'--edit={tmp_path}/clip.gif', '--frames=4'],
+      common + [out('x.gif'), f'--workdir={config_only}', f'--keyframe={tmp_path}/late.png@9'],  # nothing to load
   ]
+  Image.fromarray(big_first).save(tmp_path / 'late.png')
   result = subprocess.run([sys.executable, '-c', CLI_DRIVER, json.dumps(runs)], cwd=os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), env=subprocess_env(1), capture_output=True, text=True, timeout=600)
   assert 'RESULTS' in result.stdout, result.stderr[-3000:]
@@ -432,6 +434,7 @@ def test_each_prompting_flag_end_to_end(conditioned_workdir, tmp_path):
   assert '--loop and --extend_backward' in codes[21]
   assert 'keyframe @2: output frame 2 is already given by the video' in codes[22]
   assert codes[23] == 'ok' and (video.read(str(tmp_path / 'edit4.gif')).shape == (4, 32, 32, 3))
+  assert codes[24] == 'error: keyframe @9: outside an output of 8 frames' and 'late.png' not in result.stdout  # unread
   assert all('\n' not in code for code in codes)
 
 
