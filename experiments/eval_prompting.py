@@ -31,7 +31,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from sora_jax import UsageError, init_devices, quiet_library_logs, video
+from sora_jax import UsageError, init_devices, metrics, quiet_library_logs, video
 from sora_jax.data import shapes
 from sora_jax.eval import adherence
 
@@ -146,7 +146,7 @@ def main(argv):
         done += 1  # progress on stderr (stdout is the JSON line); the ETA at the pace so far
         elapsed = time.time() - start
         print(f'{mode}: {len(right)}/{FLAGS.cases} cases, {np.mean(right):.2f} right | {elapsed:.0f} s, '
-              f'ETA {elapsed / done * (batches - done):.0f} s', file=sys.stderr, flush=True)
+              f'ETA {metrics.format_eta(elapsed / done * (batches - done))}', file=sys.stderr, flush=True)
         if FLAGS.out_dir and first == 0:
           for i, (v, c, p, ok) in enumerate(zip(videos, clips, prompts, judged)):
             name = f'{mode}_{i:03d}_{"right" if ok else "wrong"}_{p.replace(" ", "_")}.gif'

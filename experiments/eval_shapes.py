@@ -28,7 +28,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from sora_jax import UsageError, init_devices, quiet_library_logs, video
+from sora_jax import UsageError, init_devices, metrics, quiet_library_logs, video
 from sora_jax.data import shapes
 from sora_jax.eval import adherence, classifier, fvd
 
@@ -103,7 +103,8 @@ def main(argv):
           prompts.extend(chunk)
           elapsed = time.time() - start  # progress on stderr (stdout is the JSON line)
           eta = elapsed / len(videos) * (total - len(videos))
-          print(f'{len(videos)}/{total} videos | {elapsed:.0f} s, ETA {eta:.0f} s', file=sys.stderr, flush=True)
+          print(f'{len(videos)}/{total} videos | {elapsed:.0f} s, ETA {metrics.format_eta(eta)}', file=sys.stderr,
+                flush=True)
     if FLAGS.out_dir:
       for i, (p, v) in enumerate(zip(prompts, videos)):
         video.write(os.path.join(FLAGS.out_dir, f'{i:04d}_{p.replace(" ", "_")}.gif'), v)

@@ -162,27 +162,23 @@ def generate_frames(model, prompts: list, given: dict, *, frames: int | None = N
   known = np.zeros(max(frames, T), bool)
   for i, image in given.items():
     out[:, i], known[i] = image, True
-  starts = list(windows(max(frames, T), T, backward))
-  will_know, to_make = known.copy(), 0
-  for start in starts:  # the windows that generate something
-    to_make += not will_know[start:start + T].all()
-    will_know[start:start + T] = True
-  done = 0
-  for w, start in enumerate(starts):
-    window_known = known[start:start + T]
-    if window_known.all():
-      continue
+  to_make, will_know = [], known.copy()  # the windows that generate something: (index, first frame)
+  for w, start in enumerate(windows(max(frames, T), T, backward)):
+    if not will_know[start:start + T].all():
+      to_make.append((w, start))
+      will_know[start:start + T] = True
+  for done, (w, start) in enumerate(to_make, 1):
     began = time.time()
+    window_known = known[start:start + T]
     any_given = window_known.any()
     clips = sample.generate(model, prompts, seed=seed + 7919 * w, given=out[:, start:start + T] if any_given else None,
                             given_mask=window_known if any_given else None, size=(T, H, W), **sample_kw)
     out[:, start:start + T] = clips
     known[start:start + T] = True
-    done += 1
-    if to_make > 1:  # a long video: minutes on a CPU. The ETA is at the last window's pace (the first two
+    if len(to_make) > 1:  # a long video: minutes on a CPU. The ETA is at the last window's pace (the first two
       seconds = time.time() - began  # also compile: without given frames, with them)
-      logging.info('window %d/%d (frames %d-%d): %.1f s, ETA %s', done, to_make, start, start + T - 1, seconds,
-                   metrics.format_eta(seconds * (to_make - done)))
+      logging.info('window %d/%d (frames %d-%d): %.1f s, ETA %s', done, len(to_make), start, start + T - 1,
+                   seconds, metrics.format_eta(seconds * (len(to_make) - done)))
   out = out[:, :frames]
   if loop:
     out = close_loop(model, prompts, out, keep=sorted(given), seed=seed, **sample_kw)

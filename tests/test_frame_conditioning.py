@@ -455,7 +455,7 @@ def test_eval_prompting_scores_every_mode_and_edit_method(conditioned_workdir, a
   r = json.loads(result.stdout.strip().splitlines()[-1])
   modes = args[0].split('=')[1].split(',')
   assert all(0 <= r[m] <= 1 for m in modes) and r['exact_given'] and r['cases'] == 2
-  assert f'{modes[-1]}: 2/2 cases, ' in result.stderr and ', ETA 0 s' in result.stderr  # progress, on stderr
+  assert f'{modes[-1]}: 2/2 cases, ' in result.stderr and ', ETA 0:00:00' in result.stderr  # progress, on stderr
   flowedit = 'flowedit' in ' '.join(args)
   assert (r['edit_method'], r['strength'], r['edit_guidance_scale'], r['flowedit_noise_draws']) == (
       ('flowedit', 0.85, 3.0, 2) if flowedit else ('sdedit', 0.7, 3.0, None))

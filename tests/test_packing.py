@@ -373,7 +373,7 @@ def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tm
   assert result.returncode == 0, result.stderr[-2000:]
   line = json.loads(result.stdout.splitlines()[-1])  # images: 21 captions, color and shape only
   assert line['n'] == 21 and line['exact_size'] and 'direction' not in line and 0 <= line['color'] <= 1
-  assert '21/21 videos | ' in result.stderr and ', ETA 0 s' in result.stderr  # progress, on stderr
+  assert '21/21 videos | ' in result.stderr and ', ETA 0:00:00' in result.stderr  # progress, on stderr
   # The second judge, a classifier trained for this size, reads rendered clips of it right.
   assert 0 <= line['learned_shape'] <= 1 and line['learned_judge_on_truth']['color'] >= 0.9
   config.frame_conditioning.noise_max = 0.1
