@@ -12,8 +12,9 @@ near a fixed-size batch's. Each clip starts at a multiple of `packing.block` = 1
 cross-attention works on 16-query blocks of one clip against its own caption
 (layers.PackedLayout). Patches are 2 x 8 x 8 like configs/shapes.py; an image (a one-frame clip)
 trains and samples as a still clip of 2 identical frames (`dit.repeat_stills`). The first
-`packing.curriculum_steps` = 1400 steps pack 8x32x32 clips only (27 a step, 3 in each row of 192
-tokens), where direction is learned fastest, then every size (~16 clips a step); 0.6 of the clips
+`packing.curriculum_steps` = 1400 steps train on 8x32x32 clips only, where direction is learned
+fastest (27 a step, what 9 rows of 192 tokens hold; clips of one size need no packing, so these steps
+are plain fixed-size batches: `train.fixed_size_curriculum`), then every size (~16 clips a step); 0.6 of the clips
 are given some frames in those steps (frame conditioning speeds up direction), 0.2 after them (given
 frames show the shape and cost shape accuracy). `tiny` is a seconds-long smoke run.
 

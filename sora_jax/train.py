@@ -662,11 +662,37 @@ def curriculum_config(config):
   return first
 
 
-def packed_stream(config, source):
+def fixed_size_curriculum(config):
+  """The config of the curriculum's steps as plain fixed-size batches, when its clips have one size; else None.
+
+  Rows of clips of one size are a fixed-size batch: each clip attends to itself and to its own caption,
+  the same math without segment masks, caption slots or per-token positions, and ~8% less time a step
+  here (`experiments/packed_throughput.py --curriculum`: 0.54 s against 0.59 s). The batch holds as many
+  clips as the curriculum's rows would: `batch_size` rows of `curriculum_row_length` tokens, up to
+  `max_segments` clips each. Stills (fewer frames than the temporal patch) stay packed."""
+  if not curriculum_steps(config):
+    return None
+  sizes = shapes_data.parse_sizes(config.packing.curriculum_sizes)
+  if len(sizes) != 1 or sizes[0][0] % config.model.patch[0]:
+    return None
+  (size,) = sizes
+  first = curriculum_config(config)
+  tokens = packing.aligned(packing.tokens_of(size, config.model.patch), config.packing.get('block', 0) or 1)
+  fixed = copy.deepcopy(first)
+  fixed.packing.row_length = 0
+  fixed.data.sizes = ''
+  fixed.data.frames, fixed.data.height, fixed.data.width = size
+  fixed.batch_size = config.batch_size * min(config.packing.max_segments, first.packing.row_length // tokens)
+  return fixed
+
+
+def packed_stream(config, source, sizes=None):
   """The packed rows training reads (`packing.PackedRows`): with `config.packing.curriculum_steps`,
-  the first steps pack only clips of `curriculum_sizes`, then every size (`packing.Curriculum`)."""
+  the first steps pack only clips of `curriculum_sizes`, then every size (`packing.Curriculum`); where
+  those steps are fixed-size batches instead (`fixed_size_curriculum`), their rows are never read.
+  `sizes`: each clip's (T, H, W), if already read (`pipeline.clip_sizes`)."""
   p = config.packing
-  sizes = pipeline.clip_sizes(source)
+  sizes = pipeline.clip_sizes(source) if sizes is None else sizes
   counts = [packing.tokens_of(size, config.model.patch) for size in sizes]
   rows = lambda examples=None, length=p.row_length: packing.PackedRows(  # noqa: E731
       source, counts, patch=config.model.patch, length=length, max_segments=p.max_segments,
@@ -676,14 +702,26 @@ def packed_stream(config, source):
                len(stream.epoch(0)), p.row_length, stream.epoch_efficiency(0))
   if not p.get('curriculum_steps'):
     return stream
-  first_sizes = set(shapes_data.parse_sizes(p.curriculum_sizes))
-  examples = [i for i, size in enumerate(sizes) if size in first_sizes]
-  if not examples:
-    raise UsageError(f'config.packing.curriculum_sizes={p.curriculum_sizes!r}: no training clip has these sizes')
+  examples = curriculum_examples(config, sizes)
+  fixed = fixed_size_curriculum(config)
+  if fixed is not None:
+    logging.info('curriculum: steps 0..%d train fixed-size batches of %d clips of %s (%d clips), then packed rows',
+                 p.curriculum_steps, fixed.batch_size, p.curriculum_sizes, len(examples))
+    return packing.Curriculum(None, p.curriculum_steps * config.batch_size, stream)
   first = rows(examples, curriculum_config(config).packing.row_length)
   logging.info('curriculum: steps 0..%d pack the %d clips of %s only, in rows of %d tokens (%.3f of them used)',
                p.curriculum_steps, len(examples), p.curriculum_sizes, first.length, first.epoch_efficiency(0))
   return packing.Curriculum(first, p.curriculum_steps * config.batch_size, stream)
+
+
+def curriculum_examples(config, sizes) -> list[int]:
+  """The indices of the clips of `config.packing.curriculum_sizes` (UsageError if there are none)."""
+  first_sizes = set(shapes_data.parse_sizes(config.packing.curriculum_sizes))
+  examples = [i for i, size in enumerate(sizes) if tuple(size) in first_sizes]
+  if not examples:
+    raise UsageError(f'config.packing.curriculum_sizes={config.packing.curriculum_sizes!r}: no training clip has '
+                     'these sizes')
+  return examples
 
 
 def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict:
@@ -748,15 +786,32 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
     batch_shardings = {k: sharding.batch_sharding(mesh, nd, rules) for k, nd in batch_ndims(config).items()}
     step_fn = jit_train_step(config, graphdef, tx, autoencoder, mesh, shardings, batch_shardings, text_encoder,
                              frozen)
-    first_steps, first_step_fn = curriculum_steps(config), None
-    if first_steps > start_step:  # the same step, its attention windows as long as the curriculum's largest clip
-      first_step_fn = jit_train_step(curriculum_config(config), graphdef, tx, autoencoder, mesh, shardings,
-                                     batch_shardings, text_encoder, frozen)
+    # The curriculum's steps: the same step, its attention windows as long as the curriculum's largest
+    # clip, or for clips of one size a fixed-size step (fixed_size_curriculum).
+    first_steps, first_step_fn, first_iter = curriculum_steps(config), None, None
+    fixed_first = fixed_size_curriculum(config)
+    first_config = fixed_first or (curriculum_config(config) if first_steps else None)
+    if first_steps > start_step:
+      first_batch_shardings = {k: sharding.batch_sharding(mesh, nd, rules)
+                               for k, nd in batch_ndims(first_config).items()}
+      first_step_fn = jit_train_step(first_config, graphdef, tx, autoencoder, mesh, shardings,
+                                     first_batch_shardings, text_encoder, frozen)
 
     # --- The loop. ---
     stream = source
     if packing_on(config):  # rows of several samples each, in a seeded order of their own
-      stream = packed_stream(config, source)
+      clip_sizes = pipeline.clip_sizes(source)
+      stream = packed_stream(config, source, clip_sizes)
+      if fixed_first is not None and first_steps > start_step:
+        first_source = pipeline.SkipBadRecords(
+            pipeline.Subset(source.source, curriculum_examples(config, clip_sizes)), config.data.max_text_len,
+            name=f'config.data.name={config.data.name!r} (train, {config.packing.curriculum_sizes})',
+            tokenize=source.tokenize)
+        first_iter = pipeline.make_iterator(first_source, global_batch_size=fixed_first.batch_size,
+                                            seed=config.data.seed, max_text_len=config.data.max_text_len,
+                                            start_step=start_step, process_index=jax.process_index(),
+                                            process_count=jax.process_count(),
+                                            worker_count=config.data.worker_count)
     elif buckets_on(config):  # each batch one size, its batch size set by config.buckets.tokens_per_step
       stream = buckets.BucketedBatches(source, pipeline.clip_sizes(source), patch=config.model.patch,
                                        tokens_per_step=config.buckets.tokens_per_step,
@@ -772,8 +827,10 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
       starved = buckets.starved(stream)
       if starved:
         logging.warning('buckets %s have fewer clips than one batch: never trained on', starved)
+    # (After a fixed-size curriculum the rows start at its end: its rows are never read.)
     data_iter = pipeline.make_iterator(stream, global_batch_size=config.batch_size, seed=config.data.seed,
-                                       max_text_len=config.data.max_text_len, start_step=start_step,
+                                       max_text_len=config.data.max_text_len,
+                                       start_step=max(start_step, first_steps) if first_iter else start_step,
                                        process_index=jax.process_index(), process_count=jax.process_count(),
                                        worker_count=config.data.worker_count, shuffle=not packing_on(config),
                                        batched=buckets_on(config))
@@ -786,16 +843,19 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
     window_tokens = 0  # real (not padding) patch tokens trained on since the last log line
     nonfinite_streak = 0
     check_every = min(config.log_every_steps, config.max_consecutive_nonfinite)
-    logging.info('training steps %d..%d, global batch %s', start_step, config.total_steps,
-                 'by bucket' if buckets_on(config) else config.batch_size)
+    logging.info('training steps %d..%d, global batch %s%s', start_step, config.total_steps,
+                 'by bucket' if buckets_on(config) else config.batch_size,
+                 f' ({fixed_first.batch_size} clips in the curriculum\'s steps)' if first_iter else '')
     optim.log_ema_warmup(config.ema_decay, config.total_steps)
     done = start_step
     try:
       for step in range(start_step, config.total_steps):
-        local = next(data_iter)
-        window_tokens += (stream.step_tokens(step, config.batch_size) if packing_on(config)  # rows differ by process
-                          else real_tokens(config, autoencoder, local) * jax.process_count())
-        batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], local[k]) for k in batch_shardings}
+        fixed_step = first_iter is not None and step < first_steps  # a fixed-size curriculum step
+        local = next(first_iter if fixed_step else data_iter)
+        window_tokens += (stream.step_tokens(step, config.batch_size) if packing_on(config) and not fixed_step
+                          else real_tokens(config, autoencoder, local) * jax.process_count())  # rows differ by process
+        in_shardings = first_batch_shardings if step < first_steps else batch_shardings
+        batch = {k: jax.make_array_from_process_local_data(in_shardings[k], local[k]) for k in in_shardings}
         state, step_metrics = (first_step_fn if step < first_steps else step_fn)(state, batch, frozen)
         pending.append(step_metrics)
         done = step + 1
@@ -815,7 +875,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
           means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
           means['train/skipped_nonfinite'] *= len(window)  # a count, not a rate
           means['train/learning_rate'] = float(lr_schedule(done))
-          means['data/skipped_records'] = source.skipped  # this process, since its start
+          means['data/skipped_records'] = source.skipped + (first_source.skipped if first_iter else 0)  # this process
           rate = progress.report(done)
           if rate:  # per second of training, like steps/s (the first window, with the compile, has none)
             rate['tokens_per_sec'] = window_tokens * rate['steps_per_sec'] / len(window)

@@ -323,6 +323,66 @@ def test_the_curriculum_steps_give_frames_at_their_own_probability():
     train.validate_config(config, 1)
 
 
+def test_a_curriculum_of_one_clip_size_is_fixed_size_batches_of_as_many_clips_as_its_rows_hold():
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import shapes_native
+  from sora_jax import train
+  native = shapes_native.get_config()  # 9 rows of 192 tokens, 3 clips of 8x32x32 (64 tokens) each
+  fixed = train.fixed_size_curriculum(native)
+  assert fixed.batch_size == 27 and (fixed.data.frames, fixed.data.height, fixed.data.width) == (8, 32, 32)
+  assert not train.packing_on(fixed) and set(train.batch_ndims(fixed)) == {'video', 'tokens', 'token_mask'}
+  assert fixed.frame_conditioning.probability == 0.6 and native.frame_conditioning.probability == 0.2
+  assert fixed.model.to_dict() == native.model.to_dict() and fixed.optim.to_dict() == native.optim.to_dict()
+  config = shapes_native.get_config('tiny')  # 8 rows of 16 tokens, clips of 4 tokens, up to 8 a row
+  config.packing.update(curriculum_steps=2, curriculum_sizes='2x16x16')
+  assert train.fixed_size_curriculum(config).batch_size == 32
+  config.packing.max_segments = 3
+  assert train.fixed_size_curriculum(config).batch_size == 24
+  config.packing.curriculum_sizes = '2x16x16,2x16x24'  # several sizes: packed rows
+  assert train.fixed_size_curriculum(config) is None
+  config.packing.curriculum_sizes = '1x16x16'  # stills: packed rows (as still clips of 2 frames)
+  assert train.fixed_size_curriculum(config) is None
+  config.packing.update(curriculum_sizes='2x16x16', curriculum_steps=0)
+  assert train.fixed_size_curriculum(config) is None
+
+
+@pytest.mark.slow
+def test_a_run_with_a_fixed_size_curriculum_resumes_on_either_side_of_its_end_to_the_same_result(tmp_path, monkeypatch,
+                                                                                               caplog):
+  import logging
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import shapes_native
+  from sora_jax import train
+  from tests.test_train import assert_same_state, read_metrics, train_rows
+  config = shapes_native.get_config('tiny')
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.update(total_steps=4, log_every_steps=1, checkpoint_every_steps=4)
+  config.packing.update(curriculum_steps=2, curriculum_sizes='2x16x16')
+  config.frame_conditioning.probability = 0.6
+  config.sample.prompts = ()
+  full = str(tmp_path / 'full')
+  with caplog.at_level(logging.INFO):
+    state_full = train.train_and_evaluate(config, full)
+  assert 'curriculum: steps 0..2 train fixed-size batches of 32 clips of 2x16x16' in caplog.text
+  rows = read_metrics(full)
+  # Step 2 (step 1 has no rate: the compile): 32 clips of 4 tokens; steps 3-4: 8 packed rows of 32 tokens,
+  # every size, some padding.
+  tokens_per_step = [r['perf/tokens_per_sec'] / r['perf/steps_per_sec'] for r in rows if 'perf/tokens_per_sec' in r]
+  assert tokens_per_step[0] == pytest.approx(128) and all(128 < t < 8 * 32 for t in tokens_per_step[1:])
+  workdir = str(tmp_path / 'preempted')
+  with monkeypatch.context() as m:  # stopped in the curriculum (step 1), then after it (step 3)
+    m.setattr(train.StopSignal, 'should_stop', lambda self, step: step in (1, 3))
+    assert int(train.train_and_evaluate(config, workdir)['step']) == 1
+    assert int(train.train_and_evaluate(config, workdir)['step']) == 3
+  resumed = train.train_and_evaluate(config, workdir)
+  assert train_rows(workdir) == train_rows(full)
+  assert_same_state(resumed, state_full)
+
+
 @pytest.mark.slow
 def test_the_native_config_trains_packed_rows_and_samples_each_size(data_dir, tmp_path):
   import os

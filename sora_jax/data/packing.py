@@ -212,20 +212,27 @@ class PackedRows:
 class Curriculum:
   """Stream rows of `first` for the first `first_rows` rows, then those of `then` (from its row 0):
   e.g. short, small clips only for the first steps, then every size (`config.packing.curriculum_*`).
-  Both pack examples of one source, so a row is still a pure function of (seed, row)."""
+  Both pack examples of one source, so a row is still a pure function of (seed, row). `first` None:
+  the first steps read something else (fixed-size batches: `train.fixed_size_curriculum`), and their
+  rows are an error to read."""
 
-  def __init__(self, first: PackedRows, first_rows: int, then: PackedRows):
+  def __init__(self, first: PackedRows | None, first_rows: int, then: PackedRows):
     self.first, self.first_rows, self.then = first, first_rows, then
     self.counts = then.counts
 
   def __len__(self):
     return 2**40
 
+  def _first(self, r: int) -> PackedRows:
+    if self.first is None:
+      raise IndexError(f'row {r} is one of the first {self.first_rows}, which this stream does not hold')
+    return self.first
+
   def row_examples(self, r: int) -> list:
-    return self.first.row_examples(r) if r < self.first_rows else self.then.row_examples(r - self.first_rows)
+    return self._first(r).row_examples(r) if r < self.first_rows else self.then.row_examples(r - self.first_rows)
 
   step_tokens = PackedRows.step_tokens  # from self.counts and self.row_examples
 
   def __getitem__(self, r: int) -> dict:
     r = int(r)
-    return self.first[r] if r < self.first_rows else self.then[r - self.first_rows]
+    return self._first(r)[r] if r < self.first_rows else self.then[r - self.first_rows]

@@ -61,6 +61,20 @@ class SkipBadRecords:
                      f'(record {index}: {type(error).__name__}: {error})') from None
 
 
+class Subset:
+  """The records `indices` of a random-access source, as a source of their own (e.g. the clips of one
+  size: wrap it in `SkipBadRecords`, so a broken record is replaced by another of the subset)."""
+
+  def __init__(self, source, indices):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+
 # An `encoded` dataset (`sora_jax.encode`) fixes these fields of the training config.
 ENCODED_FIXED = ('autoencoder', 'text_encoder', 'data.frames', 'data.height', 'data.width', 'data.max_text_len')
 ENCODED_CONFIG = 'encode_config.json'
