@@ -669,7 +669,8 @@ def fixed_size_curriculum(config):
   the same math without segment masks, caption slots or per-token positions, and ~8% less time a step
   here (`experiments/packed_throughput.py --curriculum`: 0.54 s against 0.59 s). The batch holds as many
   clips as the curriculum's rows would: `batch_size` rows of `curriculum_row_length` tokens, up to
-  `max_segments` clips each. Stills (fewer frames than the temporal patch) stay packed."""
+  `max_segments` clips each. Stills (fewer frames than the temporal patch) stay packed, and so do clips
+  given frames under `loss_weighting='token'` (there a clip counts by its generated values, not as one)."""
   if not curriculum_steps(config):
     return None
   sizes = shapes_data.parse_sizes(config.packing.curriculum_sizes)
@@ -677,6 +678,8 @@ def fixed_size_curriculum(config):
     return None
   (size,) = sizes
   first = curriculum_config(config)
+  if config.packing.get('loss_weighting', 'sample') == 'token' and frame_conditioning_on(first):
+    return None
   tokens = packing.aligned(packing.tokens_of(size, config.model.patch), config.packing.get('block', 0) or 1)
   fixed = copy.deepcopy(first)
   fixed.packing.row_length = 0
@@ -828,9 +831,9 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
       if starved:
         logging.warning('buckets %s have fewer clips than one batch: never trained on', starved)
     # (After a fixed-size curriculum the rows start at its end: its rows are never read.)
+    rows_from = max(start_step, first_steps) if first_iter is not None else start_step
     data_iter = pipeline.make_iterator(stream, global_batch_size=config.batch_size, seed=config.data.seed,
-                                       max_text_len=config.data.max_text_len,
-                                       start_step=max(start_step, first_steps) if first_iter else start_step,
+                                       max_text_len=config.data.max_text_len, start_step=rows_from,
                                        process_index=jax.process_index(), process_count=jax.process_count(),
                                        worker_count=config.data.worker_count, shuffle=not packing_on(config),
                                        batched=buckets_on(config))
@@ -845,12 +848,15 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
     check_every = min(config.log_every_steps, config.max_consecutive_nonfinite)
     logging.info('training steps %d..%d, global batch %s%s', start_step, config.total_steps,
                  'by bucket' if buckets_on(config) else config.batch_size,
-                 f' ({fixed_first.batch_size} clips in the curriculum\'s steps)' if first_iter else '')
+                 f' ({fixed_first.batch_size} clips in the curriculum\'s steps)' if first_iter is not None else '')
     optim.log_ema_warmup(config.ema_decay, config.total_steps)
     done = start_step
+    fixed_until = first_steps if first_iter is not None else 0
     try:
       for step in range(start_step, config.total_steps):
-        fixed_step = first_iter is not None and step < first_steps  # a fixed-size curriculum step
+        fixed_step = step < fixed_until  # a fixed-size curriculum step
+        if step == fixed_until:
+          first_iter = None  # its readers end with it
         local = next(first_iter if fixed_step else data_iter)
         window_tokens += (stream.step_tokens(step, config.batch_size) if packing_on(config) and not fixed_step
                           else real_tokens(config, autoencoder, local) * jax.process_count())  # rows differ by process
@@ -875,7 +881,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
           means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
           means['train/skipped_nonfinite'] *= len(window)  # a count, not a rate
           means['train/learning_rate'] = float(lr_schedule(done))
-          means['data/skipped_records'] = source.skipped + (first_source.skipped if first_iter else 0)  # this process
+          means['data/skipped_records'] = source.skipped + (first_source.skipped if fixed_until else 0)  # this process
           rate = progress.report(done)
           if rate:  # per second of training, like steps/s (the first window, with the compile, has none)
             rate['tokens_per_sec'] = window_tokens * rate['steps_per_sec'] / len(window)

@@ -344,7 +344,11 @@ def test_a_curriculum_of_one_clip_size_is_fixed_size_batches_of_as_many_clips_as
   assert train.fixed_size_curriculum(config) is None
   config.packing.curriculum_sizes = '1x16x16'  # stills: packed rows (as still clips of 2 frames)
   assert train.fixed_size_curriculum(config) is None
-  config.packing.update(curriculum_sizes='2x16x16', curriculum_steps=0)
+  config.packing.update(curriculum_sizes='2x16x16', loss_weighting='token', curriculum_frame_conditioning=0.5)
+  assert train.fixed_size_curriculum(config) is None  # a clip given frames counts by its generated values
+  config.packing.curriculum_frame_conditioning = 0.0  # no given frames: every clip the same size and weight
+  assert train.fixed_size_curriculum(config).batch_size == 24
+  config.packing.curriculum_steps = 0
   assert train.fixed_size_curriculum(config) is None
 
 
