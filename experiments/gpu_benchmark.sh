@@ -46,13 +46,17 @@ run_stage() {  # the stages, run in the order STAGES names them
       --warmup=1 --steps=3 ;;
     xla_8k) stage xla_8k ${PAIR_S:-200} $BENCH $CLIP_8K --config.batch_size=1 --config.model.remat=full \
       --warmup=1 --steps=3 --config.model.attention_impl=xla ;;
-    # 4. Packed rows (configs/shapes_native.py) through cuDNN: segment-masked attention against XLA's (outputs,
-    # gradients, times), then a short packed training run with cuDNN attention in bfloat16 (loss in metrics.jsonl).
-    packed) stage packed_attention ${PACKED_S:-120} ${PYTHON:-python} experiments/packed_attention_benchmark.py \
+    # 4. Packed rows (configs/shapes_native.py) through cuDNN: its packed layout's tests (spans against XLA's
+    # segment ids), segment-masked and packed-layout attention against XLA's (outputs, gradients, times), then a
+    # short packed training run with cuDNN attention in bfloat16 (loss in metrics.jsonl; its log says whether
+    # the packed layout was on).
+    packed) stage packed_test ${PACKED_S:-120} ${PYTHON:-python} -m pytest -q -rs tests/test_layers.py -k cudnn
+      stage packed_attention ${PACKED_S:-120} ${PYTHON:-python} experiments/packed_attention_benchmark.py \
       --implementation=cudnn --dtype=bfloat16
       stage packed_train ${PACKED_TRAIN_S:-240} ${PYTHON:-python} -m sora_jax.main --config=configs/shapes_native.py \
       --workdir="$OUT/packed_train" --config.total_steps=100 --config.log_every_steps=20 --config.data.num_train=4096 \
       --config.packing.curriculum_steps=40 --config.model.attention_impl=cudnn --config.model.dtype=bfloat16
+      grep -h "cuDNN.*packed layout" "$OUT/packed_train.log" ;
       cp "$OUT/packed_train/metrics.jsonl" "$OUT/packed_train_metrics.jsonl" 2>/dev/null ;;
     *) echo "unknown stage $1" ;;
   esac

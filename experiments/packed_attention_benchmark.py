@@ -12,7 +12,8 @@ as training packs them (`packing.plan_rows`, each clip at a multiple of 16 token
 against 16 clips of 128 tokens (`layers.attend`, as fixed-size training runs it) and, for
 reference, `jax.nn.dot_product_attention`'s own backward pass. Prints one JSON line per variant
 (milliseconds, best of 3 rounds of `reps` calls) and the rows' share of real tokens. With
---implementation=cudnn the dense rows and the fixed clips go through cuDNN's fused attention, and
+--implementation=cudnn the dense rows and the fixed clips go through cuDNN's fused attention (the rows
+with a segment mask, and again with cuDNN's packed layout: spans, no mask; `layers.cudnn_segment_attention`), and
 each line also gives the largest difference from the XLA path on the real tokens (output, gradients). It times
 attention only: the rest of a packed step costs what a fixed-size step of as many tokens costs.
 
@@ -105,6 +106,13 @@ def main(argv):
            f'{impl if dense else "xla"})', attend, *qkv(*segment_bs.shape), jnp.asarray(segment_bs),
            reference=reference, real_tokens=int((segment_bs > 0).sum()),
            efficiency=round(packing.efficiency(segment_bs), 3))
+    if impl == 'cudnn':  # the segments as spans (cuDNN >= 9.6): no mask, any row length
+      spans = layers.PackedLayout(BLOCK, WINDOW, slots=int(segment_bs.max()))
+      report(f'packed: {len(segment_bs)} rows of {length} (cuDNN packed layout, spans of {spans.slots} segments; '
+             f'on: {layers.uses_cudnn_packed_layout(impl, spans)})',
+             lambda q, k, v, s, spans=spans: layers.self_attention(q, k, v, segment_bs=s, layout=spans, implementation=impl),
+             *qkv(*segment_bs.shape), jnp.asarray(segment_bs), real_tokens=int((segment_bs > 0).sum()),
+             reference=lambda q, k, v, s: layers.segment_attention(q, k, v, s, s))
   clips = qkv(TOKENS // 128, 128)
   report(f'fixed: 16 clips of 128 (layers.attend, {impl})', lambda q, k, v: layers.attend(q, k, v, implementation=impl),
          *clips, reference=layers.attend if impl != 'xla' else None, real_tokens=TOKENS)
@@ -121,6 +129,11 @@ def main(argv):
            lambda q, k, v, s, c, layout=layout: layers.slotted_cross_attention(q, k, v, s, c, layout),
            q, k, v, jnp.asarray(segment_bs), jnp.asarray(context_bl),
            reference=lambda q, k, v, s, c: layers.segment_attention(q, k, v, s, c))
+    if impl == 'cudnn' and layers.cudnn_packed_layout():
+      report(f'cross-attention, packed: {rows} rows of {length}, {slots} caption slots (cuDNN packed layout)',
+             lambda q, k, v, s, c, slots=slots: layers.cudnn_segment_attention(q, k, v, s, c, slots),
+             q.astype(dtype), k.astype(dtype), v.astype(dtype), jnp.asarray(segment_bs), jnp.asarray(context_bl),
+             reference=lambda q, k, v, s, c: layers.segment_attention(q, k, v, s, c))
   q, k, v = clips[0], *qkv(TOKENS // 128, caption)[:2]
   report('cross-attention, fixed: 16 clips of 128, a caption each (layers.attend, xla)',
          lambda q, k, v: layers.attend(q, k, v, jnp.arange(caption)[None] < real), q, k, v)

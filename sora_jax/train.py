@@ -131,6 +131,8 @@ def validate_config(config, num_devices: int, platform: str | None = None) -> di
               if head_width % 8 or head_width > widest else [])
     if needs:
       raise UsageError('config.model.attention_impl="cudnn" (flash attention) needs ' + ' and '.join(needs))
+    if packing_on(config):
+      layers.cudnn_packed_layout()  # its packed layout checked against XLA once, and said, before any trace
   if impl == 'splash' and platform != 'tpu':
     raise UsageError(f'config.model.attention_impl="splash" (the Pallas TPU flash kernel) needs TPU devices '
                      f'(this run has {platform} devices): use "xla" here')

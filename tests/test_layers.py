@@ -204,6 +204,72 @@ def test_block_aligned_rows_attend_within_a_window_and_their_own_caption_as_the_
   assert 'f32[2,2,24,5]' not in jaxpr and 'f32[12,2,4,5]' in jaxpr
 
 
+def test_segment_spans_are_where_pack_put_each_sample_and_absent_ones_are_minus_one():
+  from sora_jax.data import packing
+  rng = np.random.default_rng(0)
+  # Latent clips of 4, 2 and 6 patch tokens (patch 1 x 2 x 2) in rows of 16 aligned to 4 tokens.
+  clips = [rng.normal(size=(1, 4, 4, 3)), rng.normal(size=(2, 2, 2, 3)), rng.normal(size=(1, 4, 6, 3))]
+  rows = [packing.pack(clips, (1, 2, 2), 16, max_segments=4, align=4), packing.pack(clips[1:2], (1, 2, 2), 16, align=4)]
+  lengths, offsets = layers.segment_spans(jnp.asarray(np.stack([r['segment_s'] for r in rows])), 4)
+  np.testing.assert_array_equal(lengths, [[4, 2, 6, -1], [2, -1, -1, -1]])
+  np.testing.assert_array_equal(offsets, [[0, 4, 8, -1, -1], [0, -1, -1, -1, -1]])
+
+
+def test_paired_spans_attend_exactly_where_segment_ids_do_and_drop_segments_without_keys():
+  # Rows of 24 tokens, 3 caption slots of 5; in row 1 segment 3 has queries but an empty caption.
+  segments = jnp.array([[1] * 7 + [0] + [2] * 3 + [0] + [3] * 8 + [0] * 4,
+                        [1] * 8 + [2] * 8 + [3] * 2 + [0] * 6])
+  caption_lengths = np.array([[5, 2, 4], [3, 5, 0]])
+  captions = jnp.asarray(np.where(np.arange(5)[None, None] < caption_lengths[..., None],
+                                  np.arange(1, 4)[None, :, None], 0).reshape(2, 15))
+  for kv_segments in (segments, captions):
+    q_spans, kv_spans = layers.paired_spans(segments, kv_segments, 3)
+    inside = lambda spans, n: ((jnp.arange(n)[None, None] >= spans[1][:, :-1, None])  # noqa: E731
+                               & (jnp.arange(n)[None, None] < spans[1][:, :-1, None] + spans[0][..., None])
+                               & (spans[0][..., None] > 0))  # [b, M, tokens]: in kept span m
+    span_mask = jnp.einsum('bms,bml->bsl', inside(q_spans, 24).astype(int),
+                           inside(kv_spans, kv_segments.shape[1]).astype(int)) > 0
+    has_keys = (segments[..., None] == kv_segments[:, None, :]).any(-1)  # [b, s]
+    id_mask = (segments[..., None] == kv_segments[:, None, :]) & (segments[..., None] > 0)
+    np.testing.assert_array_equal(span_mask, id_mask)
+    np.testing.assert_array_equal(q_spans[2], (segments > 0) & has_keys)  # the tokens the kernel computes
+  np.testing.assert_array_equal(q_spans[0][1], [8, 8, -1])  # row 1's segment 3: no caption, left out of both
+  np.testing.assert_array_equal(kv_spans[0][1], [3, 5, -1])
+
+
+def test_cudnn_packed_layout_is_off_without_cudnn_and_packed_rows_keep_the_mask_paths():
+  layout = layers.PackedLayout(block=4, window=8, slots=3)
+  if jax.default_backend() != 'gpu':
+    assert not layers.cudnn_packed_layout()
+    assert not layers.uses_cudnn_packed_layout('cudnn', layout)
+  assert not layers.uses_cudnn_packed_layout('xla', layout)
+  assert not layers.uses_cudnn_packed_layout('cudnn', None)
+  assert not layers.uses_cudnn_packed_layout('cudnn', layers.PackedLayout(block=4, window=8, slots=1))
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason="cuDNN's packed layout needs an NVIDIA GPU")
+def test_cudnn_packed_layout_equals_xla_on_packed_rows_and_their_captions():
+  assert layers.cudnn_packed_layout(), 'this GPU\'s cuDNN lacks the packed layout (9.6+) or failed its check'
+  rng = np.random.default_rng(7)
+  segments = jnp.array([[1] * 70 + [0] * 10 + [2] * 32 + [3] * 16, [1] * 128, [1] * 16 + [2] * 96 + [0] * 16])
+  captions = jnp.asarray(np.where(np.arange(32)[None, None] < np.array([[20, 9, 31], [12, 1, 1], [32, 5, 1]])[..., None],
+                                  np.arange(1, 4)[None, :, None], 0).reshape(3, 96))
+  captions = jnp.where(jnp.array([[1, 1, 1], [1, 0, 0], [1, 1, 0]]).repeat(32, 1) > 0, captions, 0)
+  real = (segments > 0)[..., None, None]
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)  # noqa: E731
+  q = arr(3, 128, 4, 64)
+  for k, v, kv_segments in ((arr(3, 128, 4, 64), arr(3, 128, 4, 64), segments), (arr(3, 96, 4, 64), arr(3, 96, 4, 64), captions)):
+    loss = lambda f: lambda q, k, v: jnp.sum(jnp.where(real, f(q, k, v), 0).astype(jnp.float32) ** 2)  # noqa: E731
+    fast = lambda q, k, v: layers.cudnn_segment_attention(q, k, v, segments, kv_segments, 3)  # noqa: E731
+    exact = lambda q, k, v: layers.segment_attention(q, k, v, segments, kv_segments)  # noqa: E731
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    np.testing.assert_allclose(jnp.where(real, fast(q, k, v), 0).astype(jnp.float32),
+                               jnp.where(real, exact(*f32), 0), atol=0.03)
+    for g, g_ref in zip(jax.grad(loss(fast), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(exact), argnums=(0, 1, 2))(*f32)):
+      np.testing.assert_allclose(g.astype(jnp.float32), g_ref, atol=0.1 * float(jnp.max(jnp.abs(g_ref))))
+      assert np.isfinite(np.asarray(g.astype(jnp.float32))).all()
+
+
 @pytest.mark.parametrize('sequence_parallel', ['all_to_all', 'gather_kv'])
 def test_sequence_parallel_segment_attention_equals_unsharded(sequence_parallel):
   rng = np.random.default_rng(2)

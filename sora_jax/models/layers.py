@@ -4,12 +4,14 @@ Shape letters: b batch, s query tokens, l key tokens, d width, n heads, k head d
 Parameters are float32; each layer computes in `dtype` (float32 or bfloat16).
 """
 
+import functools
 import math
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -188,6 +190,123 @@ def attend(q_bsnk, k_blnk, v_blnk, mask_bl=None, implementation=None):
   return xla_attention(q_bsnk, k_blnk, v_blnk, None if mask_bl is None else mask_bl[:, None, None, :])
 
 
+def segment_spans(segment_bs, max_segments: int):
+  """Packed rows' segments as spans, the form cuDNN's packed layout takes instead of a mask: segment
+  j + 1 of a row is its tokens offsets[:, j] .. offsets[:, j] + lengths[:, j] - 1. Segments must be
+  contiguous runs of their ids 1..max_segments (as `packing.pack` lays them out), padding (0)
+  anywhere. -> (lengths [b, M], offsets [b, M + 1]) int32, -1 for a segment the row lacks (and in
+  the offsets' last column)."""
+  b = segment_bs.shape[0]
+  ids = jnp.arange(1, max_segments + 1, dtype=segment_bs.dtype)
+  in_bms = segment_bs[:, None, :] == ids[None, :, None]
+  lengths = in_bms.sum(-1, dtype=jnp.int32)
+  starts = jnp.argmax(in_bms, axis=-1).astype(jnp.int32)  # the first token of each (0 if none)
+  present = lengths > 0
+  return (jnp.where(present, lengths, -1),
+          jnp.concatenate([jnp.where(present, starts, -1), jnp.full((b, 1), -1, jnp.int32)], axis=1))
+
+
+def paired_spans(q_segment_bs, kv_segment_bl, max_segments: int):
+  """The query and key spans of packed rows (`segment_spans`) that cuDNN's packed layout pairs: it
+  matches the i-th present query segment with the i-th present key segment, so a segment is kept
+  where it has both queries and keys, else dropped (-1) from both. -> per side (lengths [b, M],
+  offsets [b, M + 1], in_span bool [b, tokens]: the tokens inside a kept span)."""
+  q_len, q_off = segment_spans(q_segment_bs, max_segments)
+  kv_len, kv_off = segment_spans(kv_segment_bl, max_segments)
+  kept_bm = (q_len > 0) & (kv_len > 0)
+  in_span = lambda seg: (seg > 0) & jnp.take_along_axis(  # noqa: E731
+      kept_bm, jnp.clip(seg - 1, 0, max_segments - 1), axis=1)
+  keep = lambda length, offsets: (jnp.where(kept_bm, length, -1),  # noqa: E731
+                                  offsets.at[:, :-1].set(jnp.where(kept_bm, offsets[:, :-1], -1)))
+  return (*keep(q_len, q_off), in_span(q_segment_bs)), (*keep(kv_len, kv_off), in_span(kv_segment_bl))
+
+
+CUDNN_PACKED_MIN_VERSION = 90600  # cuDNN's packed (ragged) layout: 9.6 or later
+
+
+def cudnn_segment_attention(q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl, max_segments: int):
+  """Attention inside the segments of packed rows through cuDNN's fused kernel in its packed layout:
+  query segment j sees key segment j, each given as a span (`segment_spans`), so no mask or bias
+  exists at all. Self-attention (the same ids) or cross-attention to caption slots (kv ids j + 1 in
+  slot j). A segment without keys (or without queries) is left out. The kernel skips tokens outside
+  every span, so padding queries and keys are zeroed going in and coming out: whatever it leaves
+  there reaches neither the output nor a gradient. bfloat16 / float16 on an NVIDIA GPU with cuDNN >=
+  9.6 (`cudnn_packed_layout`)."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  (q_len, q_off, q_real), (kv_len, kv_off, kv_real) = paired_spans(q_segment_bs, kv_segment_bl, max_segments)
+  q_real, kv_real = q_real[..., None, None], kv_real[..., None, None]
+  zero = lambda x, real: jnp.where(real, x, jnp.zeros((), x.dtype))  # noqa: E731
+  out = cudnn.dot_product_attention(
+      zero(q_bsnk, q_real), zero(k_blnk, kv_real), zero(v_blnk, kv_real), q_seqlen=q_len, kv_seqlen=kv_len,
+      q_offsets=q_off, kv_offsets=kv_off, scale=1 / math.sqrt(q_bsnk.shape[-1]),
+      mask_type=cudnn.MaskType.NO_MASK, qkv_layout='BTNH')
+  return zero(out, q_real)
+
+
+def _packed_check_rows() -> tuple:
+  """Two small packed rows (segment ids [2, 128], three and one segments with padding between and
+  after) and their caption slots (ids [2, 3 x 16], real tokens first), for `cudnn_packed_layout`."""
+  seg = jnp.array([[1] * 40 + [0] * 8 + [2] * 64 + [3] * 16, [1] * 100 + [0] * 28], jnp.int32)
+  slot = jnp.arange(3)[:, None] + 1
+  caption = jnp.array([[9, 16, 5], [12, 0, 0]])  # real tokens a slot
+  context = jnp.where(jnp.arange(16)[None, None, :] < caption[:, :, None], slot[None], 0).reshape(2, 48)
+  return seg, context.astype(jnp.int32)
+
+
+@functools.cache
+def cudnn_packed_layout() -> bool:
+  """Whether `cudnn_segment_attention` runs here (cuDNN >= 9.6) and agrees with XLA on small packed
+  rows, output and gradients, self- and cross-attention: checked once per process and said in the
+  log. Where it does not, packed rows go through cuDNN with a segment mask (`segment_attention`)."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    version = cudnn.check_cudnn_version()
+  except Exception as e:  # noqa: BLE001 -- no GPU, no cuDNN: the mask path (which then fails loudly)
+    logging.info('cuDNN packed layout: not available (%s: %s)', type(e).__name__, e)
+    return False
+  if version < CUDNN_PACKED_MIN_VERSION:
+    logging.warning('cuDNN %d predates its packed layout (9.6): packed rows attend through a segment mask',
+                    version)
+    return False
+  seg, context = _packed_check_rows()
+  keys = jax.random.split(jax.random.key(0), 5)
+  q = jax.random.normal(keys[0], (2, 128, 2, 64), jnp.bfloat16)
+  k_self, v_self = (jax.random.normal(key, (2, 128, 2, 64), jnp.bfloat16) for key in keys[1:3])
+  k_text, v_text = (jax.random.normal(key, (2, 48, 2, 64), jnp.bfloat16) for key in keys[3:])
+
+  def real_loss(attend, kv_seg):  # on the real queries only: padding is garbage in the XLA path
+    return lambda q, k, v: jnp.sum(jnp.where((seg > 0)[..., None, None], attend(q, k, v, seg, kv_seg), 0
+                                             ).astype(jnp.float32) ** 2)
+  error = 0.0
+  try:
+    for k, v, kv_seg in ((k_self, v_self, seg), (k_text, v_text, context)):
+      fast = jax.jit(jax.value_and_grad(real_loss(functools.partial(cudnn_segment_attention, max_segments=3),
+                                                  kv_seg), argnums=(0, 1, 2)))(q, k, v)
+      exact = jax.jit(jax.value_and_grad(real_loss(segment_attention, kv_seg), argnums=(0, 1, 2)))(
+          *(x.astype(jnp.float32) for x in (q, k, v)))
+      error = max(error, abs(float(fast[0]) - float(exact[0])) / float(exact[0]),
+                  *(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
+                    for a, b in zip(fast[1], exact[1])))
+  except Exception as e:  # noqa: BLE001 -- a kernel this cuDNN or GPU refuses: the mask path
+    logging.warning('cuDNN packed layout failed its check (%s: %s): packed rows attend through a segment mask',
+                    type(e).__name__, e)
+    return False
+  ok = error < 0.05  # bfloat16 against float32; a misread layout is off by O(1)
+  (logging.info if ok else logging.warning)(
+      'cuDNN %d packed layout: %s (largest relative difference from XLA %.4f on its check)', version,
+      'on' if ok else 'off, packed rows attend through a segment mask', error)
+  return ok
+
+
+def uses_cudnn_packed_layout(implementation, layout) -> bool:
+  """Whether packed rows laid out as `layout` says (its `slots`: the most segments a row holds) attend
+  through `cudnn_segment_attention`: with implementation='cudnn', where this machine's cuDNN has the
+  packed layout and passes its check (`cudnn_packed_layout`); otherwise a segment mask (self-attention)
+  and `slotted_cross_attention` (captions), as before."""
+  return (implementation == 'cudnn' and layout is not None and layout.slots > 1
+          and cudnn_packed_layout())
+
+
 def segment_attention(q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl, *, block: int = 512,
                       implementation=None):
   """Attention inside the segments of packed rows (several samples' tokens in one row).
@@ -197,7 +316,8 @@ def segment_attention(q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl, *, bl
   a time (a scan over query blocks): no [s, l] mask or [heads, s, l] scores exist at once, only
   [heads, block, l]. `xla_attention` inside, or cuDNN's fused attention (implementation='cudnn', the
   mask as its bias: [block, l] a row, fine for rows as long as a clip); equal to attending to each
-  segment alone.
+  segment alone. (Packed rows laid out as a `PackedLayout` says go through cuDNN's packed layout
+  instead, where it runs: `uses_cudnn_packed_layout`.)
   """
   if implementation == 'splash':  # a flash kernel: no [s, l] scores, no query blocks needed
     return on_shards(splash_attention, q_bsnk, k_blnk, v_blnk, q_segment_bs, kv_segment_bl)
@@ -367,7 +487,8 @@ def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
   runs inside a shard_map). mask_bs: [b, s] True where a key is real (padding).
   segment_bs: [b, s] segment ids of packed rows (0: padding) instead of a mask: `segment_attention`,
   or with a `layout` and rows longer than twice its window, `windowed_segment_attention` (where the
-  queries are whole rows).
+  queries are whole rows), or with 'cudnn' and a `layout`, cuDNN's packed layout (spans, no mask;
+  `uses_cudnn_packed_layout`).
   """
   if segment_bs is not None and mask_bs is not None:
     raise ValueError('give a key mask or segment ids, not both (segment 0 is padding)')
@@ -375,6 +496,9 @@ def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
   def plain(q, k, v, m, q_seg=None):  # m: the mask, or the keys' segment ids
     if segment_bs is None:
       return attend(q, k, v, m, implementation)
+    # cuDNN's packed layout takes whole rows of queries (their spans and the keys' must match).
+    if q_seg is None and uses_cudnn_packed_layout(implementation, layout):
+      return cudnn_segment_attention(q, k, v, m, m, layout.slots)
     # Windows only pay when they skip most of a row: their gathers cost more than the scores they skip.
     if (implementation != 'splash' and layout is not None and q_seg is None and q.shape[1] % layout.block == 0
         and q.shape[1] > 2 * layout.window):
@@ -487,7 +611,9 @@ class Attention(nnx.Module):
     elif segment_bs is not None:
       if context_segment_bl is None or mask_bl is not None:
         raise ValueError('packed cross-attention takes context_segment_bl (0 for padding) and no mask_bl')
-      if self.implementation != 'splash' and layout is not None and layout.slots and q.shape[1] % layout.block == 0:
+      if uses_cudnn_packed_layout(self.implementation, layout):
+        out = cudnn_segment_attention(q, k, v, segment_bs, context_segment_bl, layout.slots)
+      elif self.implementation != 'splash' and layout is not None and layout.slots and q.shape[1] % layout.block == 0:
         out = slotted_cross_attention(q, k, v, segment_bs, context_segment_bl, layout)
       else:
         out = segment_attention(q, k, v, segment_bs, context_segment_bl, implementation=self.implementation)
