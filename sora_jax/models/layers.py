@@ -493,11 +493,11 @@ def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
   if segment_bs is not None and mask_bs is not None:
     raise ValueError('give a key mask or segment ids, not both (segment 0 is padding)')
 
-  def plain(q, k, v, m, q_seg=None):  # m: the mask, or the keys' segment ids
+  def plain(q, k, v, m, q_seg=None, unsharded=True):  # m: the mask, or the keys' segment ids
     if segment_bs is None:
       return attend(q, k, v, m, implementation)
-    # cuDNN's packed layout takes whole rows of queries (their spans and the keys' must match).
-    if q_seg is None and uses_cudnn_packed_layout(implementation, layout):
+    # cuDNN's packed layout takes whole rows of queries (their spans and the keys' must match) on each device.
+    if q_seg is None and unsharded and uses_cudnn_packed_layout(implementation, layout):
       return cudnn_segment_attention(q, k, v, m, m, layout.slots)
     # Windows only pay when they skip most of a row: their gathers cost more than the scores they skip.
     if (implementation != 'splash' and layout is not None and q_seg is None and q.shape[1] % layout.block == 0
@@ -508,7 +508,7 @@ def self_attention(q_bsnk, k_bsnk, v_bsnk, mask_bs=None, *, implementation=None,
   extra = mask_bs if segment_bs is None else segment_bs
   batch_axes, seq_axes, head_axes, _ = _mesh_axes(('act_batch', 'act_seq', 'act_heads', None), q_bsnk.shape)
   if sequence_parallel == 'xla' or not seq_axes:
-    return plain(q_bsnk, k_bsnk, v_bsnk, extra)
+    return plain(q_bsnk, k_bsnk, v_bsnk, extra, unsharded=not seq_axes)
   mesh = jax.sharding.get_abstract_mesh()
   n_seq = math.prod(mesh.shape[a] for a in seq_axes)
   local_heads = q_bsnk.shape[2] // math.prod(mesh.shape[a] for a in head_axes)
@@ -611,7 +611,8 @@ class Attention(nnx.Module):
     elif segment_bs is not None:
       if context_segment_bl is None or mask_bl is not None:
         raise ValueError('packed cross-attention takes context_segment_bl (0 for padding) and no mask_bl')
-      if uses_cudnn_packed_layout(self.implementation, layout):
+      # (Queries sharded over the sequence keep the slotted path: the kernel's spans are whole rows'.)
+      if uses_cudnn_packed_layout(self.implementation, layout) and not _mesh_axes(('act_seq',), q.shape[1:2])[0]:
         out = cudnn_segment_attention(q, k, v, segment_bs, context_segment_bl, layout.slots)
       elif self.implementation != 'splash' and layout is not None and layout.slots and q.shape[1] % layout.block == 0:
         out = slotted_cross_attention(q, k, v, segment_bs, context_segment_bl, layout)
